@@ -1,0 +1,117 @@
+"""Load FLUX.1 components from a local folder: the diffusers layout, BFL single files, or save.py.
+
+Layouts (checked in this order, per component):
+- save.py folders: `manifest.json` at the root; our names, possibly pre-quantized (see saved.py);
+- diffusers: `transformer/`, `vae/`, `text_encoder/`, `text_encoder_2/` (sharded, any float dtype);
+- BFL single files: `flux1-dev.safetensors` / `flux1-schnell.safetensors` (any root file with
+  `double_blocks` keys) and `ae.safetensors`; text encoders still come from the diffusers folders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import quantization as q
+from ..models.clip import CLIPParams, CLIPTextModel
+from ..models.t5 import T5Encoder, T5Params
+from ..models.transformer import FluxParams, FluxTransformer
+from ..models.vae import AutoEncoder, VAEParams
+from . import tables
+from .weights import WeightLoadError, assign, component_files, convert, read_lazy, shapes_of, to_mlx_layout
+
+PARAMS = {"transformer": FluxParams, "t5": T5Params, "clip": CLIPParams, "vae": VAEParams}
+MODELS = {"transformer": FluxTransformer, "t5": T5Encoder, "clip": CLIPTextModel, "vae": AutoEncoder}
+DIFFUSERS_FOLDERS = {"transformer": "transformer", "t5": "text_encoder_2", "clip": "text_encoder", "vae": "vae"}
+BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+@dataclass
+class Source:
+    """Where one component's weights come from, already mapped to our names (lazily)."""
+
+    weights: dict[str, mx.array]
+    label: str  # for error messages: the folder or file
+
+
+def _torch_source(files: list[Path], table, label: str, renames=None, ignore=None, strip=()) -> Source:
+    tensors, origin = read_lazy(files)
+    if strip:
+        def unprefixed(k: str) -> str:
+            return next((k[len(p):] for p in strip if k.startswith(p)), k)
+
+        tensors = {unprefixed(k): v for k, v in tensors.items()}
+        origin = {unprefixed(k): v for k, v in origin.items()}
+    weights = convert(tensors, origin, table, renames, ignore)
+    return Source(to_mlx_layout(weights), label)
+
+
+def bfl_transformer_file(root: Path) -> Path | None:
+    for name in ("flux1-dev.safetensors", "flux1-schnell.safetensors"):
+        if (root / name).exists():
+            return root / name
+    for f in sorted(root.glob("*.safetensors")):
+        if f.name != "ae.safetensors":
+            try:
+                keys = mx.load(str(f)).keys()
+            except Exception:
+                continue
+            if any("double_blocks." in k for k in keys):
+                return f
+    return None
+
+
+def find_source(root: Path, component: str) -> Source:
+    """The weights of one component under `root`, in our names, from whichever layout is there."""
+    root = Path(root)
+    if not root.is_dir():
+        raise WeightLoadError(f"model path {root} does not exist or is not a folder")
+    folder = root / DIFFUSERS_FOLDERS[component]
+    if component == "transformer" and not folder.is_dir():
+        single = bfl_transformer_file(root)
+        if single is not None:
+            return _torch_source([single], tables.BFL_TRANSFORMER, str(single), tables.BFL_PARAM_RENAMES,
+                                 strip=BFL_PREFIXES)
+    if component == "vae" and not folder.is_dir() and (root / "ae.safetensors").exists():
+        ae = root / "ae.safetensors"
+        keys = mx.load(str(ae)).keys()
+        ups = {int(k.split(".")[2]) for k in keys if k.startswith("decoder.up.")}
+        return _torch_source([ae], tables.bfl_vae_table(len(ups)), str(ae))
+    files = component_files(folder, DIFFUSERS_FOLDERS[component])
+    label = str(folder)
+    if component == "transformer":
+        return _torch_source(files, tables.DIFFUSERS_TRANSFORMER, label)
+    if component == "vae":
+        return _torch_source(files, tables.DIFFUSERS_VAE, label)
+    if component == "clip":
+        return _torch_source(files, tables.DIFFUSERS_CLIP, label, ignore=lambda k: k.endswith("position_ids"))
+    tensors, _ = read_lazy(files)
+    has_shared = "shared.weight" in tensors
+    return _torch_source(files, tables.DIFFUSERS_T5, label,
+                         ignore=lambda k: has_shared and k == "encoder.embed_tokens.weight")
+
+
+def build(component: str, source: Source, dtype: mx.Dtype, spec: q.QuantSpec | None = None,
+          plan: dict[str, dict] | None = None) -> nn.Module:
+    """Read the architecture off the weights, build the model, (quantize the skeleton,) load strictly.
+
+    `plan` (from a saved folder) fixes exactly which layers are quantized and how; otherwise `spec`
+    applies the policy of quantization.py.
+    """
+    params = PARAMS[component].from_shapes(shapes_of(source.weights))
+    model = MODELS[component](params)
+    model.set_dtype(dtype)
+    if plan is None and spec is not None:
+        plan = q.layer_plan(model, component, spec)
+    q.quantize_skeleton(model, plan or {})
+    prepare: Callable = lambda name, w, m: q.quantize_on_load(name, w, m, dtype)  # noqa: E731
+    assign(model, source.weights, dtype, source.label, prepare)
+    return model
+
+
+def load_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpec | None = None) -> nn.Module:
+    return build(component, find_source(root, component), dtype, spec)

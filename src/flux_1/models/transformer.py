@@ -1,0 +1,298 @@
+"""The FLUX.1 transformer: 19 double-stream blocks, then 38 single-stream blocks (MMDiT).
+
+Module names follow BFL's checkpoints (fused q/k/v, fused `linear1`), see docs/DESIGN.md.
+Shapes: B batch, N image tokens, L text tokens, D hidden, H heads, d head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass(frozen=True)
+class FluxParams:
+    in_channels: int = 64  # 16 latent channels x 2x2 patch
+    context_dim: int = 4096  # T5-XXL width
+    vec_dim: int = 768  # CLIP-L pooled width
+    hidden_size: int = 3072
+    num_heads: int = 24
+    mlp_hidden: int = 12288
+    depth: int = 19
+    depth_single: int = 38
+    guidance_embed: bool = False  # dev: True, schnell: False
+    theta: int = 10_000
+    time_dim: int = 256  # sinusoidal timestep features
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def axes_dim(self) -> tuple[int, int, int]:
+        # RoPE over (text/index, row, column): (16, 56, 56) for head dim 128.
+        d = self.head_dim
+        return (d // 8, 7 * d // 16, 7 * d // 16)
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> FluxParams:
+        hidden, in_channels = shapes["img_in.weight"]
+        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.weight"][0] if any(
+            k.startswith("double_blocks.") for k in shapes
+        ) else shapes["single_blocks.0.norm.query_norm.weight"][0]
+
+        def count(prefix: str) -> int:
+            ids = {int(k.split(".")[1]) for k in shapes if k.startswith(prefix + ".")}
+            return max(ids) + 1 if ids else 0
+
+        return cls(
+            in_channels=in_channels,
+            context_dim=shapes["txt_in.weight"][1],
+            vec_dim=shapes["vector_in.in_layer.weight"][1],
+            hidden_size=hidden,
+            num_heads=hidden // head_dim,
+            mlp_hidden=shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
+            if "single_blocks.0.linear1.weight" in shapes
+            else shapes["double_blocks.0.img_mlp.layers.0.weight"][0],
+            depth=count("double_blocks"),
+            depth_single=count("single_blocks"),
+            guidance_embed="guidance_in.in_layer.weight" in shapes,
+            time_dim=shapes["time_in.in_layer.weight"][1],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateless maths
+
+
+def timestep_embedding(t: mx.array, dim: int, max_period: float = 10_000.0, factor: float = 1000.0):
+    """Sinusoidal features (cos | sin) of t * factor; t in [0, 1] is the flow-matching sigma."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    args = (t.astype(mx.float32) * factor)[:, None] * freqs[None]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+def rope(ids: mx.array, axes_dim: tuple[int, ...], theta: int) -> tuple[mx.array, mx.array]:
+    """Rotary cos/sin tables for 3-axis position ids.
+
+    ids: (S, 3) positions -> cos, sin: (S, d/2), one rotation angle per pair of channels.
+    Computed in float32 once per generation (positions do not change between steps).
+    """
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        freqs = 1.0 / (theta ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim))
+        angles.append(ids[:, axis].astype(mx.float32)[:, None] * freqs[None])
+    angles = mx.concatenate(angles, axis=-1)
+    return mx.cos(angles), mx.sin(angles)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate consecutive channel pairs (x0, x1) of x: (B, H, S, d) by the angles of (cos, sin)."""
+    x = x.reshape(*x.shape[:-1], -1, 2).astype(mx.float32)
+    x0, x1 = x[..., 0], x[..., 1]
+    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(*out.shape[:-2], -1)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
+    """RoPE then scaled dot-product attention. q, k, v: (B, H, S, d) -> (B, S, H*d)."""
+    dtype = v.dtype
+    q = apply_rope(q, *pe).astype(dtype)
+    k = apply_rope(k, *pe).astype(dtype)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    B, H, S, d = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(B, S, H * d)
+
+
+def layer_norm(x: mx.array, eps: float = 1e-6) -> mx.array:
+    """LayerNorm without affine parameters (FLUX modulates instead)."""
+    return mx.fast.layer_norm(x, None, None, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.out_layer(nn.silu(self.in_layer(x)))
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.key_norm = nn.RMSNorm(head_dim, eps=1e-6)
+
+    def __call__(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
+        return self.query_norm(q), self.key_norm(k)
+
+
+class SelfAttention(nn.Module):
+    """The per-stream half of a double block's attention: fused q/k/v, q/k norms, output proj."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """x: (B, S, D) -> normed q, k and v, each (B, H, S, d)."""
+        B, S, _ = x.shape
+        qkv = self.qkv(x).reshape(B, S, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        q, k = self.norm(qkv[0], qkv[1])
+        return q, k, qkv[2]
+
+
+class Modulation(nn.Module):
+    """adaLN: shift, scale and gate per sub-layer from the conditioning vector."""
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.lin = nn.Linear(dim, chunks * dim)
+
+    def __call__(self, vec: mx.array) -> list[mx.array]:
+        out = self.lin(nn.silu(vec))[:, None, :]  # (B, 1, chunks*D)
+        return mx.split(out, self.chunks, axis=-1)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    return layer_norm(x) * (1 + scale) + shift
+
+
+def mlp(dim: int, hidden: int) -> nn.Sequential:
+    # FLUX uses the tanh approximation of GELU.
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approx="tanh"), nn.Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams with their own weights, attending jointly over [text, image]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        self.img_mod = Modulation(dim, 6)
+        self.img_attn = SelfAttention(dim, num_heads)
+        self.img_mlp = mlp(dim, mlp_hidden)
+        self.txt_mod = Modulation(dim, 6)
+        self.txt_attn = SelfAttention(dim, num_heads)
+        self.txt_mlp = mlp(dim, mlp_hidden)
+
+    def __call__(self, img: mx.array, txt: mx.array, vec: mx.array, pe) -> tuple[mx.array, mx.array]:
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1))
+        q = mx.concatenate([txt_q, img_q], axis=2)
+        k = mx.concatenate([txt_k, img_k], axis=2)
+        v = mx.concatenate([txt_v, img_v], axis=2)
+        attn = attention(q, k, v, pe)  # (B, L+N, D)
+        L = txt.shape[1]
+        txt_attn, img_attn = attn[:, :L], attn[:, L:]
+
+        img = img + i_gate1 * self.img_attn.proj(img_attn)
+        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
+        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [text, image]; attention and MLP run in parallel from one fused matmul."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dim = dim
+        self.linear1 = nn.Linear(dim, 3 * dim + mlp_hidden)  # q | k | v | mlp
+        self.linear2 = nn.Linear(dim + mlp_hidden, dim)  # attn | gelu(mlp) -> out
+        self.norm = QKNorm(dim // num_heads)
+        self.modulation = Modulation(dim, 3)
+
+    def __call__(self, x: mx.array, vec: mx.array, pe) -> mx.array:
+        shift, scale, gate = self.modulation(vec)
+        B, S, D = x.shape
+        h = self.linear1(modulate(x, shift, scale))
+        qkv, mlp = h[..., : 3 * D], h[..., 3 * D :]
+        qkv = qkv.reshape(B, S, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        q, k = self.norm(qkv[0], qkv[1])
+        attn = attention(q, k, qkv[2], pe)
+        out = self.linear2(mx.concatenate([attn, nn.gelu_approx(mlp)], axis=-1))
+        return x + gate * out
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_channels)
+
+    def __call__(self, x: mx.array, vec: mx.array) -> mx.array:
+        shift, scale = mx.split(self.adaLN_modulation(vec)[:, None, :], 2, axis=-1)
+        return self.linear(modulate(x, shift, scale))
+
+
+class FluxTransformer(nn.Module):
+    def __init__(self, params: FluxParams):
+        super().__init__()
+        p = self.params = params
+        D = p.hidden_size
+        self.img_in = nn.Linear(p.in_channels, D)
+        self.time_in = MLPEmbedder(p.time_dim, D)
+        self.vector_in = MLPEmbedder(p.vec_dim, D)
+        if p.guidance_embed:
+            self.guidance_in = MLPEmbedder(p.time_dim, D)
+        self.txt_in = nn.Linear(p.context_dim, D)
+        self.double_blocks = [DoubleStreamBlock(D, p.num_heads, p.mlp_hidden) for _ in range(p.depth)]
+        self.single_blocks = [SingleStreamBlock(D, p.num_heads, p.mlp_hidden) for _ in range(p.depth_single)]
+        self.final_layer = LastLayer(D, p.in_channels)
+
+    def conditioning(self, timestep, pooled, guidance, dtype) -> mx.array:
+        """The vector every block is modulated by: time + pooled text (+ guidance for dev). (B, D)"""
+        vec = self.time_in(timestep_embedding(timestep, self.params.time_dim).astype(dtype))
+        if self.params.guidance_embed:
+            if guidance is None:
+                raise ValueError("this is a guidance-distilled (dev) model: a guidance value is required")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, self.params.time_dim).astype(dtype))
+        return vec + self.vector_in(pooled.astype(dtype))
+
+    def position_embedding(self, img_ids: mx.array, txt_ids: mx.array) -> tuple[mx.array, mx.array]:
+        ids = mx.concatenate([txt_ids, img_ids], axis=0)
+        return rope(ids, self.params.axes_dim, self.params.theta)
+
+    def __call__(
+        self,
+        img: mx.array,  # (B, N, in_channels) packed latents
+        txt: mx.array,  # (B, L, context_dim) T5 hidden states
+        pooled: mx.array,  # (B, vec_dim) CLIP pooled vector
+        timestep: mx.array,  # (B,) sigma in [0, 1]
+        img_ids: mx.array,  # (N, 3)
+        txt_ids: mx.array,  # (L, 3)
+        guidance: mx.array | None = None,  # (B,) dev only
+        pe: tuple[mx.array, mx.array] | None = None,  # precomputed rope tables
+    ) -> mx.array:
+        dtype = img.dtype
+        vec = self.conditioning(timestep, pooled, guidance, dtype)
+        if pe is None:
+            pe = self.position_embedding(img_ids, txt_ids)
+        img = self.img_in(img)
+        txt = self.txt_in(txt.astype(dtype))
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe)
+        L = txt.shape[1]
+        x = mx.concatenate([txt, img], axis=1)
+        for block in self.single_blocks:
+            x = block(x, vec, pe)
+        return self.final_layer(x[:, L:], vec)
