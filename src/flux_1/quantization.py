@@ -1,58 +1,95 @@
-"""Which layers are quantized, how, and quantizing while loading.
+"""Which layers are quantized, how, and quantizing while loading. See docs/QUANTIZATION.md.
 
-Policy (the same for runtime `-q` and for save.py):
+Policy (the same for runtime `-q` and for save.py; `layer_plan` is the one place it is applied):
 - transformer: every linear except `img_in` and `final_layer.linear`, the two layers as wide as the
-  packed latent (64): they hold 0.4 MB together, and they touch every latent value directly;
-- T5 and CLIP: every linear and the token embeddings (T5's 32128 x 4096 table is 0.5 GB in bf16);
+  packed latent (64): they hold 0.4 MB together (nothing to gain), and they touch every latent value
+  directly (the one place an error is not averaged over 3072 channels);
+- T5 and CLIP: every linear and the token embeddings (T5's 32128 x 4096 table is 0.26 GB in bf16);
   CLIP's 77-row position table and T5's relative-attention-bias table stay (tiny, and added raw);
-- never norms, never the VAE (its convs are 84M parameters and run once per image).
+- never norms, never the VAE (its convs are 84M parameters, 0.17 GB, and run once per image).
 A layer whose input width no allowed group size divides stays in full precision.
+
+Settings: MLX affine quantization at 3, 4, 5, 6 or 8 bits (group size 64, or the largest of 128/64/32
+that divides a layer's input width), and MLX's microscaling float formats mxfp4, mxfp8 (group 32,
+e8m0 scales) and nvfp4 (group 16, e4m3 scales), where the backend at hand runs them
+(`supported_modes`).
+
+Quantize while loading: the skeleton is quantized before any weight is read (`quantize_skeleton`), then
+the loader hands each full-precision weight to `quantize_on_load` one module at a time, so the
+full-precision model never exists: peak memory is the quantized model plus about one layer.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
-AFFINE_BITS = (2, 3, 4, 5, 6, 8)
-# MLX's microscaling formats have a fixed group size.
+AFFINE_BITS = (3, 4, 5, 6, 8)
+# MLX's microscaling formats have a fixed group size and width.
 FIXED_GROUP = {"mxfp4": 32, "mxfp8": 32, "nvfp4": 16}
-MODES = ("affine", *FIXED_GROUP)
 MODE_BITS = {"mxfp4": 4, "mxfp8": 8, "nvfp4": 4}
+MODES = ("affine", *FIXED_GROUP)
+# What `-q` accepts, in the order help texts list it.
+CHOICES = tuple(str(b) for b in AFFINE_BITS) + tuple(FIXED_GROUP)
+AFFINE_GROUPS = (128, 64, 32)
+DEFAULT_GROUP = 64
+COMPONENTS = ("transformer", "t5", "clip", "vae")
 KEEP_FULL_PRECISION = {
     "transformer": ("img_in", "final_layer.linear"),
     "t5": ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias",),
     "clip": ("embeddings.position_embedding",),
     "vae": (),
 }
+# Embeddings the policy quantizes (the token tables); every other embedding stays.
+QUANTIZED_EMBEDDINGS = {"t5": ("shared",), "clip": ("embeddings.token_embedding",), "transformer": (), "vae": ()}
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int = 8
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP
     mode: str = "affine"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown quantization mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.mode == "affine" and self.bits not in AFFINE_BITS:
-            raise ValueError(f"quantize bits must be one of {AFFINE_BITS}, got {self.bits}")
-        if self.mode != "affine" and self.bits != MODE_BITS[self.mode]:
-            raise ValueError(f"{self.mode} is {MODE_BITS[self.mode]}-bit, got bits={self.bits}")
+        if self.mode == "affine":
+            if self.bits not in AFFINE_BITS:
+                raise ValueError(f"quantize bits must be one of {AFFINE_BITS}, got {self.bits}")
+            if self.group_size not in AFFINE_GROUPS:
+                raise ValueError(f"affine group size must be one of {AFFINE_GROUPS}, got {self.group_size}")
+        else:
+            if self.bits != MODE_BITS[self.mode]:
+                raise ValueError(f"{self.mode} is {MODE_BITS[self.mode]}-bit, got bits={self.bits}")
+            if self.group_size != FIXED_GROUP[self.mode]:
+                raise ValueError(f"{self.mode} has group size {FIXED_GROUP[self.mode]}, got {self.group_size}")
 
     @classmethod
     def from_mode(cls, mode: str) -> QuantSpec:
+        if mode not in FIXED_GROUP:
+            raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(FIXED_GROUP)}")
         return cls(bits=MODE_BITS[mode], group_size=FIXED_GROUP[mode], mode=mode)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantSpec:
+        return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), mode=str(d.get("mode", "affine")))
+
+    @property
+    def label(self) -> str:
+        """What `-q` is given to get this spec ("4", "mxfp4")."""
+        return str(self.bits) if self.mode == "affine" else self.mode
 
     def group_for(self, in_features: int) -> int | None:
         """The requested group size if it divides the input width, else the largest of 128/64/32 that
         does (affine); None when none does (the layer stays full precision)."""
         if self.mode != "affine":
             return self.group_size if in_features % self.group_size == 0 else None
-        for g in (self.group_size, 128, 64, 32):
+        for g in (self.group_size, *AFFINE_GROUPS):
             if in_features % g == 0:
                 return g
         return None
@@ -61,16 +98,77 @@ class QuantSpec:
         return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
 
 
-def layer_plan(model: nn.Module, component: str, spec: QuantSpec) -> dict[str, dict]:
+def parse(value: int | str | QuantSpec | None) -> QuantSpec | None:
+    """`-q` / `quantize=` -> spec: None (full precision), 3/4/5/6/8 (affine), or a mode name.
+
+    A mode the current backend cannot run is refused here, with the modes it can run.
+    """
+    if value is None or isinstance(value, QuantSpec):
+        return value
+    text = str(value).strip().lower()
+    if text in ("", "none", "0"):
+        return None
+    if text.isdigit():
+        if int(text) not in AFFINE_BITS:
+            raise ValueError(f"quantize must be one of {', '.join(CHOICES)}, got {value!r}")
+        return QuantSpec(bits=int(text))
+    if text not in FIXED_GROUP:
+        raise ValueError(f"quantize must be one of {', '.join(CHOICES)}, got {value!r}")
+    spec = QuantSpec.from_mode(text)
+    check_supported(spec)
+    return spec
+
+
+@functools.lru_cache(maxsize=None)
+def _mode_runs(mode: str, device: str) -> bool:
+    spec = QuantSpec.from_mode(mode) if mode != "affine" else QuantSpec(bits=4)
+    try:
+        w = mx.random.normal((64, 128), key=mx.random.key(0))
+        out = mx.quantize(w, spec.group_size, spec.bits, mode=mode)
+        wq, scales, biases = out[0], out[1], out[2] if len(out) > 2 else None
+        y = mx.quantized_matmul(mx.ones((2, 128)), wq, scales, biases, transpose=True,
+                                group_size=spec.group_size, bits=spec.bits, mode=mode)
+        rows = mx.dequantize(wq, scales, biases, group_size=spec.group_size, bits=spec.bits, mode=mode)
+        mx.eval(y, rows)
+        return bool(mx.all(mx.isfinite(y)).item())
+    except Exception:  # an unsupported mode raises from the backend with its own wording
+        return False
+
+
+def supported_modes() -> tuple[str, ...]:
+    """The quantization modes that run (quantize, matmul, dequantize) on the default device."""
+    device = str(mx.default_device())
+    return tuple(m for m in MODES if _mode_runs(m, device))
+
+
+def check_supported(spec: QuantSpec) -> None:
+    if spec.mode not in supported_modes():
+        raise ValueError(
+            f"{spec.mode} quantization does not run on this backend ({mx.default_device()}, mlx {mx.__version__}); "
+            f"available here: {', '.join(supported_modes())}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan: which layers, how
+
+
+def layer_plan(model: nn.Module, component: str, spec: QuantSpec | None) -> dict[str, dict]:
     """{module name: {group_size, bits, mode}} for each layer the policy quantizes."""
-    if component == "vae":
+    if component not in KEEP_FULL_PRECISION:
+        raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
+    if spec is None or component == "vae":
         return {}
     keep = KEEP_FULL_PRECISION[component]
+    embeddings = QUANTIZED_EMBEDDINGS[component]
     plan = {}
     for name, module in model.named_modules():
-        if name in keep or not isinstance(module, (nn.Linear, nn.Embedding)):
+        if name in keep:
             continue
-        if isinstance(module, nn.Embedding) and not name.endswith(("shared", "token_embedding")):
+        if isinstance(module, nn.Embedding):
+            if name not in embeddings:
+                continue
+        elif not isinstance(module, nn.Linear):
             continue
         group = spec.group_for(module.weight.shape[1])
         if group is not None:
@@ -78,23 +176,67 @@ def layer_plan(model: nn.Module, component: str, spec: QuantSpec) -> dict[str, d
     return plan
 
 
+def plan_spec(plan: dict[str, dict]) -> QuantSpec | None:
+    """The spec a plan was made with: the bits and mode its layers share, the most common group size
+    (None for an empty plan). Layers may differ only in group size (the fallback for narrow inputs)."""
+    if not plan:
+        return None
+    kinds = {(p["bits"], p.get("mode", "affine")) for p in plan.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"layers are quantized in more than one way: {sorted(kinds)}")
+    bits, mode = kinds.pop()
+    groups = [p["group_size"] for p in plan.values()]
+    group = max(set(groups), key=groups.count) if mode == "affine" else FIXED_GROUP[mode]
+    return QuantSpec(bits=bits, group_size=group, mode=mode)
+
+
+def _check_plan(model: nn.Module, plan: dict[str, dict]) -> None:
+    modules = dict(model.named_modules())
+    bad = [n for n in plan if not isinstance(modules.get(n), (nn.Linear, nn.Embedding, *QUANTIZED))]
+    if bad:
+        raise ValueError(f"the quantization plan names layers that are not linears or embeddings of "
+                         f"this model: {bad[:8]}{' ...' if len(bad) > 8 else ''}")
+
+
 def quantize_skeleton(model: nn.Module, plan: dict[str, dict]) -> None:
     """Swap the planned layers for quantized ones before any weight is loaded.
 
     The skeleton's random weights are lazy and never evaluated: loading replaces them.
     """
-    if plan:
-        nn.quantize(model, class_predicate=lambda name, _: plan.get(name, False))
+    if not plan:
+        return
+    _check_plan(model, plan)
+    nn.quantize(model, class_predicate=lambda name, m: dict(plan[name]) if name in plan and not isinstance(
+        m, QUANTIZED) else False)
 
 
 def quantize_on_load(module_name: str, weight: mx.array, module: nn.Module, dtype: mx.Dtype) -> dict:
     """Turn an incoming weight into the module's parameters: quantize full-precision weights for
     quantized layers (one layer at a time, so no second full copy exists), pass codes through."""
-    if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or weight.dtype == mx.uint32:
+    if not isinstance(module, QUANTIZED) or weight.dtype == mx.uint32:
         return {"weight": weight}
     out = mx.quantize(weight.astype(dtype), group_size=module.group_size, bits=module.bits, mode=module.mode)
     names = ("weight", "scales", "biases")
     return {n: a for n, a in zip(names, out) if a is not None}
+
+
+def quantize_loaded(model: nn.Module, plan: dict[str, dict]) -> None:
+    """Quantize an already-loaded full-precision model in place, one layer at a time.
+
+    Each layer is quantized and evaluated before the next, and its full-precision weight is dropped
+    (unless something else holds it), so memory does not grow to full precision + quantized.
+    """
+    _check_plan(model, plan)
+    modules = dict(model.named_modules())
+    for name, how in plan.items():
+        module = modules[name]
+        if isinstance(module, QUANTIZED):
+            continue
+        quantized = module.to_quantized(**how)
+        mx.eval(quantized.parameters())
+        model.update_modules(tree_unflatten([(name, quantized)]))
+        del module, quantized
+    modules.clear()
 
 
 def describe(model: nn.Module) -> dict[str, dict]:
@@ -102,5 +244,83 @@ def describe(model: nn.Module) -> dict[str, dict]:
     return {
         name: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
         for name, m in model.named_modules()
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        if isinstance(m, QUANTIZED)
     }
+
+
+def logical_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
+    """The (rows, input width) of a weight from its packed uint32 codes (32 / bits values per word)."""
+    return (*shape[:-1], shape[-1] * 32 // bits)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter (codes, scales, biases and full-precision tensors): shapes only, the
+    arrays are not evaluated."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def _full_size_model(component: str, guidance: bool = False) -> nn.Module:
+    from .models.clip import CLIPParams, CLIPTextModel
+    from .models.t5 import T5Encoder, T5Params
+    from .models.transformer import FluxParams, FluxTransformer
+    from .models.vae import AutoEncoder, VAEParams
+
+    if component == "transformer":
+        return FluxTransformer(FluxParams(guidance_embed=guidance))
+    return {"t5": lambda: T5Encoder(T5Params()), "clip": lambda: CLIPTextModel(CLIPParams()),
+            "vae": lambda: AutoEncoder(VAEParams())}[component]()
+
+
+TABLE_SETTINGS = ("bf16", "8", "6", "5", "4", "3", "mxfp8", "mxfp4", "nvfp4")
+
+
+def size_table(settings=TABLE_SETTINGS, dtype: mx.Dtype = mx.bfloat16, guidance: bool = False
+               ) -> dict[str, dict[str, int]]:
+    """{component or "pipeline": {setting: bytes}} for the real FLUX.1 models under the policy.
+
+    The full-size models are built from their default params (FLUX.1's values) and quantized as the
+    policy says, but never evaluated: MLX arrays are lazy, so only shapes and dtypes are read and
+    nothing of the ~12B parameters is allocated. Full-precision tensors count at `dtype` (bf16).
+    `guidance=True` is FLUX.1-dev (the guidance embedder, 10.6M parameters more than schnell).
+    Bytes are tensor data, what save.py writes less the small safetensors headers.
+    """
+    table: dict[str, dict[str, int]] = {c: {} for c in (*COMPONENTS, "pipeline")}
+    for setting in settings:
+        spec = None if setting in ("bf16", "fp16", "none") else QuantSpec.from_mode(setting) if (
+            setting in FIXED_GROUP) else QuantSpec(bits=int(setting))
+        for component in COMPONENTS:
+            model = _full_size_model(component, guidance)
+            model.set_dtype(dtype)
+            quantize_skeleton(model, layer_plan(model, component, spec))
+            table[component][setting] = parameter_bytes(model)
+            del model
+        table["pipeline"][setting] = sum(table[c][setting] for c in COMPONENTS)
+    return table
+
+
+# mflux's published whole-pipeline sizes (README v0.10+), GB.
+MFLUX_SIZES_GB = {"bf16": 33.73, "8": 18.01, "6": 13.81, "5": 11.71, "4": 9.61, "3": 7.52}
+ROW_NAMES = {"transformer": "transformer", "t5": "T5-XXL (text_encoder_2)", "clip": "CLIP-L (text_encoder)",
+             "vae": "VAE", "pipeline": "**whole pipeline**"}
+
+
+def format_size_table(table: dict[str, dict[str, int]]) -> str:
+    """Markdown: one row per component, one column per setting, GB (10^9 bytes); mflux's figures below."""
+    settings = list(table["pipeline"])
+    head = "| component | " + " | ".join(s if s in FIXED_GROUP or s == "bf16" else f"{s}-bit" for s in settings)
+    lines = [head + " |", "|---|" + "---:|" * len(settings)]
+    for row, values in table.items():
+        lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(f"{values[s] / 1e9:.2f}" for s in settings) + " |")
+    lines.append("| mflux README (whole pipeline) | "
+                 + " | ".join(f"{MFLUX_SIZES_GB[s]:.2f}" if s in MFLUX_SIZES_GB else "–" for s in settings) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m flux_1.quantization: print the size table
+    for dev in (False, True):
+        print(f"FLUX.1-{'dev' if dev else 'schnell'}, GB (10^9 bytes)\n")
+        print(format_size_table(size_table(guidance=dev)), end="\n\n")

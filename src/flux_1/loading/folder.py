@@ -36,6 +36,7 @@ class Source:
 
     weights: dict[str, mx.array]
     label: str  # for error messages: the folder or file
+    shapes: dict[str, tuple[int, ...]] | None = None  # unpacked shapes, when weights are pre-quantized
 
 
 def _torch_source(files: list[Path], table, label: str, renames=None, ignore=None, strip=()) -> Source:
@@ -102,7 +103,7 @@ def build(component: str, source: Source, dtype: mx.Dtype, spec: q.QuantSpec | N
     `plan` (from a saved folder) fixes exactly which layers are quantized and how; otherwise `spec`
     applies the policy of quantization.py.
     """
-    params = PARAMS[component].from_shapes(shapes_of(source.weights))
+    params = PARAMS[component].from_shapes(source.shapes or shapes_of(source.weights))
     model = MODELS[component](params)
     model.set_dtype(dtype)
     if plan is None and spec is not None:

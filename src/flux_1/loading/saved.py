@@ -1,15 +1,408 @@
-"""Folders written by save.py (see flux_1.cli.save): our names, self-describing quantization."""
+"""Folders written by save.py: our names, MLX layout, self-describing quantization. See docs/QUANTIZATION.md.
+
+Layout (format version 1):
+```
+OUT/manifest.json                  model alias, source, LoRAs baked (and scales), package and format
+                                   version, precision, quantization (or null), per-component files
+OUT/transformer/                   model.safetensors, or model-0000i-of-0000n.safetensors (each at most
+OUT/text_encoder/   (CLIP)           2 GB) + model.safetensors.index.json
+OUT/text_encoder_2/ (T5)
+OUT/vae/
+OUT/tokenizer/  OUT/tokenizer_2/   copied from the source
+```
+Tensors carry our parameter names (`tree_flatten(model.parameters())`), so loading needs no name table;
+a quantized layer stores `weight` (uint32 codes), `scales` and (affine) `biases`. Every shard's
+safetensors metadata says the format and version, the component, precision, bits, group size, mode and
+the exact layer plan (`layers`: JSON `{module: {group_size, bits, mode}}`). Loading reads the plan, not
+the policy: a later change of policy cannot break an old folder (mflux issue #149). The plan quantizes the
+skeleton before the codes are loaded (`folder.build(..., plan=...)`).
+
+Saving is atomic: everything is written into a hidden folder next to OUT, which is renamed to OUT only
+when complete; an interrupted save leaves OUT as it was (and no partial folder).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import struct
+import uuid
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .. import quantization as q
+from .weights import WeightLoadError, component_files, read_lazy
+
 MANIFEST = "manifest.json"
+FORMAT = "flux_1.saved"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+FOLDERS = {"transformer": "transformer", "t5": "text_encoder_2", "clip": "text_encoder", "vae": "vae"}
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+MAX_SHARD_BYTES = 2 * 10**9  # at most 2 GB per file (as mflux / mlx-examples shard)
+INDEX = "model.safetensors.index.json"
+PRECISION_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
+
+
+class SavedFormatError(WeightLoadError):
+    """A saved folder this version cannot read (unknown format version, inconsistent metadata)."""
+
+
+class SaveError(ValueError):
+    """A save that must not start (existing output, output inside the source...)."""
 
 
 def is_saved_folder(root: Path) -> bool:
     return (Path(root) / MANIFEST).exists()
 
 
-def load_component(root, component, dtype, spec):
-    raise NotImplementedError("saved folders: see issue 4")
+def read_manifest(root: Path) -> dict:
+    """The manifest of a saved folder, checked: a folder of another format version is refused."""
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SavedFormatError(f"{root} is not a saved model folder (no {MANIFEST})") from None
+    except (OSError, ValueError) as e:
+        raise SavedFormatError(f"{path}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SavedFormatError(f"{path}: not a {FORMAT} manifest (format={manifest.get('format')!r})"
+                               if isinstance(manifest, dict) else f"{path}: not a {FORMAT} manifest")
+    _check_version(manifest.get("format_version"), str(path))
+    return manifest
+
+
+def _check_version(version, where: str) -> None:
+    if version not in SUPPORTED_VERSIONS and str(version) not in map(str, SUPPORTED_VERSIONS):
+        raise SavedFormatError(
+            f"{where}: saved-model format version {version!r} is not supported by this flux_1 "
+            f"(it reads version {', '.join(map(str, SUPPORTED_VERSIONS))}); re-save the model with this "
+            f"version's save.py, or use the flux_1 version that wrote it"
+        )
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """(metadata, {tensor: {dtype, shape, data_offsets}}) of a safetensors file, from its JSON header."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise WeightLoadError(f"{path}: unreadable safetensors header ({e})") from e
+    return header.pop("__metadata__", {}) or {}, header
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+_warned: set[tuple] = set()
+
+
+def component_metadata(root: Path, component: str) -> tuple[list[Path], dict[str, str]]:
+    """The files of a saved component and their (identical) metadata, checked."""
+    folder = Path(root) / FOLDERS[component]
+    files = component_files(folder, FOLDERS[component])
+    first = None
+    for f in files:
+        meta, _ = read_header(f)
+        if meta.get("format") != FORMAT:
+            raise SavedFormatError(f"{f}: not written by save.py (no '{FORMAT}' metadata)")
+        _check_version(meta.get("format_version"), str(f))
+        if meta.get("component") != component:
+            raise SavedFormatError(f"{f}: holds component {meta.get('component')!r}, expected {component!r}")
+        if first is None:
+            first = meta
+        elif {k: meta.get(k) for k in ("layers", "bits", "mode", "precision")} != {
+                k: first.get(k) for k in ("layers", "bits", "mode", "precision")}:
+            raise SavedFormatError(f"{f}: its quantization metadata differs from {files[0].name}'s")
+    return files, first
+
+
+def load_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpec | None = None) -> nn.Module:
+    """Build one component from a saved folder; its quantization comes from the folder.
+
+    A folder saved quantized keeps its own quantization: a `spec` that disagrees is a warning and the
+    saved bits win. A folder saved in full precision is like any other source: `spec` quantizes it
+    while loading.
+    """
+    from .folder import Source, build
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    files, meta = component_metadata(root, component)
+    try:
+        plan = json.loads(meta.get("layers", "{}"))
+    except ValueError as e:
+        raise SavedFormatError(f"{files[0]}: unreadable layer plan in its metadata ({e})") from e
+    saved = manifest.get("quantization")
+    saved_spec = q.QuantSpec.from_dict(saved) if saved else None
+    if spec is not None and saved_spec is not None and (spec.bits, spec.mode) != (saved_spec.bits, saved_spec.mode):
+        key = (str(root.resolve()), spec, saved_spec)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"{root} is saved quantized at {saved_spec.label} (bits={saved_spec.bits}, "
+                          f"mode={saved_spec.mode}); ignoring -q {spec.label}", stacklevel=2)
+    tensors, _ = read_lazy(files)
+    shapes = {}
+    for key, value in tensors.items():
+        module, _, param = key.rpartition(".")
+        how = plan.get(module)
+        shape = tuple(value.shape)
+        shapes[key] = q.logical_shape(shape, how["bits"]) if how and param == "weight" else shape
+    label = str(root / FOLDERS[component])
+    source = Source(tensors, label, shapes)
+    del tensors
+    try:
+        if saved_spec is None:
+            return build(component, source, dtype, spec)
+        return build(component, source, dtype, None, plan=plan)
+    except KeyError as e:
+        raise WeightLoadError(f"{label}: missing key {e} (incomplete or foreign saved folder?)") from e
+    except ValueError as e:
+        if isinstance(e, WeightLoadError):
+            raise
+        raise WeightLoadError(f"{label}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def shard_keys(arrays: dict[str, mx.array], max_bytes: int = MAX_SHARD_BYTES) -> list[list[str]]:
+    """Split keys into files of at most `max_bytes` each, keeping a module's tensors together
+    (a single module larger than the limit gets a file of its own)."""
+    modules: dict[str, list[str]] = {}
+    for key in arrays:
+        modules.setdefault(key.rpartition(".")[0], []).append(key)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for keys in modules.values():
+        n = sum(arrays[k].nbytes for k in keys)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(keys)
+        size += n
+    return shards
+
+
+def component_file_metadata(component: str, plan: dict[str, dict], precision: str) -> dict[str, str]:
+    spec = q.plan_spec(plan)
+    from .. import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "component": component,
+        "precision": precision,
+        "bits": str(spec.bits) if spec else "none",
+        "group_size": str(spec.group_size) if spec else "none",
+        "mode": spec.mode if spec else "none",
+        "layers": json.dumps(plan, sort_keys=True, separators=(",", ":")),
+        "flux_1_version": __version__,
+    }
+
+
+def write_component(folder: Path, component: str, model: nn.Module, precision: str,
+                    max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Write one loaded (possibly quantized) model into `folder`; returns its manifest entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = q.describe(model)
+    arrays = dict(tree_flatten(model.parameters()))
+    meta = component_file_metadata(component, plan, precision)
+    shards = shard_keys(arrays, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for name, keys in zip(names, shards):
+        mx.save_safetensors(str(folder / name), {k: arrays[k] for k in keys}, metadata=meta)
+    total = sum(a.nbytes for a in arrays.values())
+    if len(shards) > 1:
+        index = {"metadata": {**meta, "total_size": str(total)},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    return {"folder": folder.name, "files": names, "tensor_bytes": total, "quantized_layers": len(plan)}
+
+
+def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse an output that exists and is not an empty folder (unless `overwrite`), or that would
+    replace the source being read."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SaveError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SaveError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+    if source is not None:
+        o, s = out.resolve(), Path(source).resolve()
+        if o == s or o in s.parents or s in o.parents:
+            raise SaveError(f"output {out} would overwrite or nest inside the source {source}")
+
+
+def write_atomically(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Run `fill(tmp)` on a fresh hidden folder next to `out`, then move it into place.
+
+    On any exception (or Ctrl-C) the partial folder is removed and `out` is untouched. With
+    `overwrite`, an existing `out` is swapped out only after the new folder is complete.
+    """
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.partial-{tag}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tag}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _precision_name(dtype: mx.Dtype) -> str:
+    return PRECISION_NAMES[dtype]
+
+
+def save(out: str | Path, model: str, source: str | Path | None = None, quantize=None,
+         precision: str = "bfloat16", lora_paths: list[str] | None = None,
+         lora_scales: list[float] | None = None, overwrite: bool = False,
+         max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] | None = None) -> Path:
+    """Write FLUX.1-`model` (schnell | dev) from `source` (a local folder; None: the Hub) into `out`,
+    quantized with `quantize` (bits or mode; None: full precision), LoRAs merged in first.
+
+    Without LoRAs each component is quantized while loading, written and released in turn (peak memory:
+    the largest quantized component plus a layer). With LoRAs the pipeline is loaded in full precision,
+    the LoRAs are merged into the weights (exact), and only then is each component quantized.
+    """
+    from ..pipeline.flux1 import PRECISIONS, model_spec
+
+    log = log or (lambda _msg: None)
+    alias = model_spec(model).alias
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    spec = q.parse(quantize)
+    lora_paths = [str(p) for p in (lora_paths or [])]
+    if lora_scales is not None and len(lora_scales) != len(lora_paths):
+        raise ValueError(f"got {len(lora_scales)} LoRA scale(s) for {len(lora_paths)} LoRA path(s)")
+    scales = [float(s) for s in lora_scales] if lora_scales is not None else [1.0] * len(lora_paths)
+    for p in lora_paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"LoRA file {p} does not exist")
+    out = Path(out)
+    check_output(out, overwrite, Path(source) if source is not None else None)
+
+    if source is None:
+        from .hub import download
+
+        root, source_label = download(model_spec(model).repo_id), model_spec(model).repo_id
+    else:
+        root, source_label = Path(source), str(Path(source).resolve())
+        if not root.is_dir():
+            raise FileNotFoundError(f"source {root} does not exist or is not a folder")
+    check_output(out, overwrite, root)
+    for sub in TOKENIZERS:
+        if not (root / sub).is_dir():
+            raise WeightLoadError(f"missing component folder {sub}/ in {root}")
+    if is_saved_folder(root):
+        saved = read_manifest(root).get("quantization")
+        if saved and (lora_paths or q.parse(quantize) != q.QuantSpec.from_dict(saved)):
+            raise SaveError(f"{root} is already quantized ({q.QuantSpec.from_dict(saved).label}); "
+                            "save from the full-precision weights to change the quantization or bake LoRAs")
+
+    def fill(tmp: Path) -> None:
+        entries = {}
+        if lora_paths:
+            entries = _write_with_loras(tmp, root, alias, dtype, precision, spec, lora_paths, scales,
+                                        max_shard_bytes, log)
+        else:
+            from .folder import load_component as load_source
+
+            for component in FOLDERS:
+                log(f"{component}: loading{f' and quantizing ({spec.label})' if spec else ''}")
+                if is_saved_folder(root):
+                    built = load_component(root, component, dtype, spec)
+                else:
+                    built = load_source(root, component, dtype, spec)
+                entries[component] = write_component(tmp / FOLDERS[component], component, built, precision,
+                                                     max_shard_bytes)
+                del built
+                mx.clear_cache()
+        for sub in TOKENIZERS:
+            shutil.copytree(root / sub, tmp / sub)
+        write_manifest(tmp, alias, source_label, precision, spec, lora_paths, scales, entries)
+
+    log(f"writing {out}")
+    return write_atomically(out, overwrite, fill)
+
+
+def _write_with_loras(tmp, root, alias, dtype, precision, spec, lora_paths, scales, max_shard_bytes, log):
+    try:
+        from ..lora import LoRAStack  # noqa: F401
+    except ImportError as e:
+        raise SaveError(f"baking LoRAs needs flux_1.lora, which is not available here ({e})") from e
+    from ..pipeline.flux1 import Flux1, model_spec
+
+    log(f"loading {alias} in {precision} and merging {len(lora_paths)} LoRA(s)")
+    pipe = Flux1(root, model_spec(alias), precision=precision, quantize=None,
+                 lora_paths=lora_paths, lora_scales=scales)
+    entries = {}
+    for component, attr in (("transformer", "transformer"), ("t5", "t5"), ("clip", "clip"), ("vae", "vae")):
+        model = getattr(pipe, attr)
+        _check_plain(model, component)
+        plan = q.layer_plan(model, component, spec)
+        log(f"{component}: quantizing {len(plan)} layers" if plan else f"{component}: writing")
+        q.quantize_loaded(model, plan)
+        entries[component] = write_component(tmp / FOLDERS[component], component, model, precision,
+                                              max_shard_bytes)
+        setattr(pipe, attr, None)
+        del model
+        mx.clear_cache()
+    return entries
+
+
+def _check_plain(model: nn.Module, component: str) -> None:
+    """After merging, a model must hold exactly its own parameters (no LoRA side paths left)."""
+    from .folder import MODELS
+
+    expected = {k for k, _ in tree_flatten(MODELS[component](model.params).parameters())}
+    got = {k for k, _ in tree_flatten(model.parameters())}
+    if got != expected:
+        extra = sorted(got - expected)[:4]
+        raise SaveError(f"{component}: after merging the LoRAs the model has parameters beyond its own "
+                        f"({extra} ...): LoRAs must be merged into the weights before saving")
+
+
+def write_manifest(folder: Path, alias: str, source: str, precision: str, spec: q.QuantSpec | None,
+                   lora_paths: list[str], scales: list[float], components: dict) -> None:
+    from .. import __version__
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": alias,
+        "source": source,
+        "flux_1_version": __version__,
+        "mlx_version": mx.__version__,
+        "precision": precision,
+        "quantization": spec.as_dict() if spec else None,
+        "loras": [{"path": str(Path(p).resolve()), "name": Path(p).name, "scale": s}
+                  for p, s in zip(lora_paths, scales)],
+        "components": components,
+        "tokenizers": list(TOKENIZERS),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -132,6 +132,8 @@ def assign(
 
     `prepare(module_name, weight, module)` may turn one incoming full-precision weight into the
     module's own parameters (quantizing while loading); by default a weight is cast to `dtype`.
+    `weights` is consumed: each module's entries are removed as it loads, so an evaluated source
+    tensor (a full-precision layer that was quantized or cast) is freed at once, not kept to the end.
     """
     expected = dict(tree_flatten(model.parameters()))
     modules = dict(model.named_modules())
@@ -145,7 +147,10 @@ def assign(
         by_module.setdefault(module, {})[param] = value
 
     loaded: set[str] = set()
-    for module_name, params in by_module.items():
+    for module_name in list(by_module):
+        params = by_module.pop(module_name)
+        for param in params:
+            weights.pop(f"{module_name}.{param}", None)
         module = modules[module_name]
         if prepare is not None and "weight" in params:
             ready = prepare(module_name, params["weight"], module)
