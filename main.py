@@ -1,0 +1,4 @@
+from flux_1.cli.main import main
+
+if __name__ == "__main__":
+    main()

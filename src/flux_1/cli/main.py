@@ -1,0 +1,217 @@
+"""`flux1-generate` / `python main.py`: text to image with FLUX.1 schnell or dev.
+
+Everything that can be checked without the model (arguments, files, the checkpoint's folders and
+safetensors headers) is checked before loading it. The model is loaded once for all seeds, with the
+text encoders freed after encoding (`low_memory`). Each image is written atomically with its metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from ..pipeline.flux1 import MODELS, PRECISIONS, Config
+from ..quantization import FIXED_GROUP
+from .errors import CLIError, user_errors
+
+QUANTIZE_BITS = (3, 4, 5, 6, 8)
+QUANTIZE_CHOICES = (*map(str, QUANTIZE_BITS), *FIXED_GROUP)
+DEFAULT_OUTPUT = "flux_{seed}.png"
+OUTPUT_FIELDS = ("seed", "model", "steps")
+MAX_SEED = 2**64 - 1
+
+
+def parse_quantize(text: str) -> int | str:
+    if text not in QUANTIZE_CHOICES:
+        choices = ", ".join(QUANTIZE_CHOICES)
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: choose one of {choices}")
+    return int(text) if text.isdigit() else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Generate images with FLUX.1 (MLX).",
+        epilog="Every PNG carries its settings (A1111 `parameters` and JSON `flux_1` text chunks). "
+        "Models come from the Hugging Face cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN) unless --path is given.",
+    )
+    p.add_argument("--model", "-m", required=True, choices=list(MODELS),
+                   help="schnell (4 steps) or dev (25 steps)")
+    p.add_argument("--prompt", "-p", required=True, help="the text to draw")
+    p.add_argument("--path", type=Path,
+                   help="local model folder (diffusers layout, BFL files, or saved by flux1-save) "
+                   "instead of the Hugging Face Hub")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 4 for schnell, 25 for dev)")
+    p.add_argument("--seed", type=int, nargs="+", metavar="S",
+                   help="one or more seeds, one image each (default: a random seed, printed and stored)")
+    for side in ("--height", "--width"):
+        p.add_argument(side, type=int, default=1024,
+                       help="pixels, rounded down to a multiple of 16 (default 1024)")
+    p.add_argument("--guidance", type=float,
+                   help="distilled guidance for dev (default 3.5); schnell ignores it")
+    p.add_argument("-q", "--quantize", type=parse_quantize, metavar="BITS",
+                   help=f"quantize while loading: {', '.join(QUANTIZE_CHOICES)}")
+    p.add_argument("--lora-paths", nargs="+", default=[], metavar="P", help="LoRA .safetensors files")
+    p.add_argument("--lora-scales", nargs="+", type=float, metavar="S",
+                   help="one strength per LoRA path (default 1.0 each)")
+    p.add_argument("--output", "-o", default=DEFAULT_OUTPUT,
+                   help=f"output .png; may use {{seed}}, {{model}}, {{steps}} (default {DEFAULT_OUTPUT}). "
+                   "Existing files are never overwritten: _1, _2, ... is added")
+    p.add_argument("--metadata", action="store_true",
+                   help="also write the metadata as a .json file beside each image")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="compute dtype (default: float32 on the CPU backend, bfloat16 on a GPU)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print per-stage times and peak memory")
+    return p
+
+
+# -- checks before loading -----------------------------------------------------------------------------
+
+
+def output_template(args: argparse.Namespace) -> str:
+    """The --output template, checked; with several seeds and no {seed}, `_seed_{seed}` goes before .png."""
+    template = args.output
+    try:
+        template.format(**{name: 0 for name in OUTPUT_FIELDS})
+    except (KeyError, IndexError, ValueError) as e:
+        fields = ", ".join(f"{{{name}}}" for name in OUTPUT_FIELDS)
+        raise CLIError(f"--output {template!r} is not a valid name template ({e!r}); "
+                       f"it may use {fields}") from None
+    path = Path(template)
+    if path.suffix == "":
+        path = path.with_name(path.name + ".png")
+    if path.suffix.lower() != ".png":
+        raise CLIError(f"--output {template!r} must be a .png file")
+    if len(args.seed) > 1 and "{seed}" not in template:
+        path = path.with_name(f"{path.stem}_seed_{{seed}}{path.suffix}")
+    return str(path)
+
+
+def check_output_folder(path: Path) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"cannot write {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CLIError(f"cannot write {path}: folder {parent} is not writable")
+            return
+
+
+def check_model_folder(root: Path) -> None:
+    """Fail now, not after minutes of loading, on a missing/unreadable folder, component or weight file."""
+    from ..loading import folder, saved
+    from ..loading.weights import WeightLoadError
+
+    if not root.exists():
+        raise CLIError(f"model path {root} does not exist")
+    if not root.is_dir():
+        raise CLIError(f"model path {root} is not a folder")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise CLIError(f"model path {root} is not readable")
+    if saved.is_saved_folder(root):
+        return
+    for component in folder.DIFFUSERS_FOLDERS:
+        folder.find_source(root, component)  # lazy: reads safetensors headers only
+    for sub in ("tokenizer", "tokenizer_2"):
+        if not (root / sub).is_dir():
+            raise WeightLoadError(f"missing component folder {sub}/ in {root}")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        parser.error("--prompt is empty")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    for name in ("height", "width"):
+        if getattr(args, name) < 16:
+            parser.error(f"--{name} must be at least 16 pixels, got {getattr(args, name)}")
+    for seed in args.seed or []:
+        if not 0 <= seed <= MAX_SEED:
+            parser.error(f"--seed {seed} is out of range: seeds are 0 to 2**64-1")
+    if args.lora_scales is not None and not args.lora_paths:
+        parser.error("--lora-scales given without --lora-paths")
+    if args.lora_scales is not None and len(args.lora_scales) != len(args.lora_paths):
+        parser.error(f"got {len(args.lora_scales)} --lora-scales for {len(args.lora_paths)} --lora-paths: "
+                     "give one scale per LoRA")
+    for lora in args.lora_paths:
+        if not Path(lora).exists():
+            parser.error(f"LoRA file {lora} does not exist")
+        if not Path(lora).is_file():
+            parser.error(f"LoRA path {lora} is not a file")
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    """Config from the arguments; its size-rounding warnings are shown here, before loading."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = Config(num_inference_steps=args.steps, height=args.height, width=args.width,
+                        guidance=3.5 if args.guidance is None else args.guidance)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return config
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def generate(args: argparse.Namespace, config: Config, template: str) -> list[Path]:
+    import mlx.core as mx
+
+    from ..pipeline.flux1 import Flux1
+
+    if args.path is None:
+        print(f"Loading {MODELS[args.model].repo_id} (Hugging Face cache)")
+    t0 = time.perf_counter()
+    mx.reset_peak_memory()
+    flux = Flux1.from_alias(args.model, path=args.path, quantize=args.quantize,
+                            lora_paths=args.lora_paths or None, lora_scales=args.lora_scales,
+                            precision=args.precision, low_memory=True)
+    if args.verbose:
+        print(f"load: {time.perf_counter() - t0:.2f} s, peak memory {format_bytes(mx.get_peak_memory())}")
+    if args.guidance is not None and not flux.is_guidance_distilled:
+        print(f"warning: {args.model} has no guidance embedder: --guidance is ignored", file=sys.stderr)
+
+    steps = config.num_inference_steps or flux.spec.default_steps
+    written = []
+    for seed in args.seed:
+        print(f"Generating with seed {seed}")
+        mx.reset_peak_memory()
+        image = flux.generate_image(seed=seed, prompt=args.prompt, config=config)
+        if args.verbose:
+            stages = ", ".join(f"{name.replace('_', ' ')}: {t:.2f} s" for name, t in image.timings.items())
+            print(f"{stages}, peak memory {format_bytes(mx.get_peak_memory())}")
+        target = Path(template.format(seed=seed, model=args.model, steps=steps))
+        path = image.save(target, overwrite=False, sidecar=args.metadata)
+        print(f"Saved {path}" + (f" and {path.with_suffix('.json')}" if args.metadata else ""))
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.seed is None:
+        args.seed = [random.randrange(2**32)]
+    try:
+        template = output_template(args)
+    except CLIError as e:
+        parser.error(str(e))
+    with user_errors():
+        check_output_folder(Path(template.format(seed=args.seed[0], model=args.model, steps=args.steps or 0)))
+        config = make_config(args)
+        if args.path is not None:
+            check_model_folder(args.path)
+        generate(args, config, template)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""What a generated image records about itself, and writing it to disk safely.
+
+Every PNG carries two text chunks:
+- `parameters`: the AUTOMATIC1111 "infotext" that Civitai, the A1111/Forge "PNG Info" tab and image
+  browsers parse: the prompt, then one line of `Key: value` pairs (values with a comma, colon or
+  newline are JSON-quoted, as A1111 does). FLUX has no real CFG, so `CFG scale: 1`, and dev's
+  guidance is `Distilled CFG Scale` as in Forge.
+- `flux_1`: the same facts as JSON, for programs (`read_png_metadata` reads both back).
+Pillow writes `tEXt` (Latin-1) and falls back to `iTXt` (UTF-8) for any other text.
+
+Files are written to a temporary name in the target folder and then renamed, so a crash never
+leaves a partial image; an existing file is never replaced unless asked (`name_1.png`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+if TYPE_CHECKING:
+    from .flux1 import GeneratedImage
+
+PARAMETERS_KEY = "parameters"
+JSON_KEY = "flux_1"
+SAMPLER = "Euler"
+
+
+def package_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def lora_label(lora: dict) -> str:
+    """A LoRA's short name: its `name`, else its file's stem."""
+    if lora.get("name"):
+        return str(lora["name"])
+    return Path(str(lora.get("path", "lora"))).stem
+
+
+def quantization_label(quantization: dict | None) -> str | None:
+    if not quantization:
+        return None
+    mode = quantization.get("mode", "affine")
+    return f"{quantization['bits']}-bit" if mode == "affine" else mode
+
+
+def image_metadata(image: GeneratedImage) -> dict:
+    """The facts needed to reproduce `image` (JSON-serialisable)."""
+    config = image.config
+    uses_guidance = image.model == "dev"
+    return {
+        "prompt": image.prompt,
+        "model": image.model,
+        "seed": image.seed,
+        "steps": config.num_inference_steps,
+        "guidance": config.guidance if uses_guidance else None,
+        "width": config.width,
+        "height": config.height,
+        "sampler": SAMPLER,
+        "precision": image.precision,
+        "quantization": image.quantization,
+        "loras": [_lora_entry(lora) for lora in image.loras],
+        "timings": {k: round(v, 3) for k, v in image.timings.items()},
+        "version": package_version(),
+    }
+
+
+def _lora_entry(lora: dict) -> dict:
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in lora.items()}
+    plain = {k: v for k, v in plain.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return {**plain, "name": lora_label(lora), "scale": float(lora.get("scale", 1.0))}
+
+
+def _quote(value) -> str:
+    text = str(value)
+    if any(c in text for c in ",:\n"):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def format_number(x: float) -> str:
+    return f"{x:g}"
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The A1111 `parameters` text for `image_metadata(...)`'s dict."""
+    fields = [("Steps", meta["steps"]), ("Sampler", meta.get("sampler", SAMPLER)), ("CFG scale", 1)]
+    if meta.get("guidance") is not None:
+        fields.append(("Distilled CFG Scale", format_number(meta["guidance"])))
+    fields += [
+        ("Seed", meta["seed"]),
+        ("Size", f"{meta['width']}x{meta['height']}"),
+        ("Model", f"flux1-{meta['model']}"),
+    ]
+    quant = quantization_label(meta.get("quantization"))
+    if quant:
+        fields.append(("Quantization", quant))
+    if meta.get("loras"):
+        loras = ", ".join(f"{lora['name']}: {format_number(lora['scale'])}" for lora in meta["loras"])
+        fields.append(("LoRAs", loras))
+    fields.append(("Version", f"flux_1 {meta['version']}"))
+    line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields)
+    return f"{meta['prompt']}\n{line}"
+
+
+def png_info(meta: dict) -> PngInfo:
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, a1111_parameters(meta))
+    info.add_text(JSON_KEY, json.dumps(meta, ensure_ascii=False))
+    return info
+
+
+def read_png_metadata(path: str | Path) -> dict:
+    """{"parameters": str, "flux_1": dict} from a PNG written by `save_png` (missing keys omitted)."""
+    with Image.open(path) as im:
+        text = dict(im.text)
+    out = {}
+    if PARAMETERS_KEY in text:
+        out[PARAMETERS_KEY] = text[PARAMETERS_KEY]
+    if JSON_KEY in text:
+        out[JSON_KEY] = json.loads(text[JSON_KEY])
+    return out
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def numbered(path: Path, n: int) -> Path:
+    return path if n == 0 else path.with_name(f"{path.stem}_{n}{path.suffix}")
+
+
+def _temp_file(folder: Path, name: str) -> Path:
+    """A new empty hidden file beside the target (created with the umask's permissions, unlike mkstemp)."""
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool, sidecar: bool) -> Path:
+    """Move the finished temp file to `path`, or to the first free `path_N` unless `overwrite`."""
+    if overwrite:
+        os.replace(tmp, path)
+        return path
+    n = 0
+    while True:
+        candidate = numbered(path, n)
+        n += 1
+        if sidecar and sidecar_path(candidate).exists():
+            continue
+        try:
+            os.link(tmp, candidate)  # fails if the name exists, even if another process just took it
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links (e.g. exFAT): check, then rename
+            if candidate.exists():
+                continue
+            os.replace(tmp, candidate)
+            return candidate
+        os.unlink(tmp)
+        return candidate
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = _temp_file(path.parent, path.name)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_png(image: GeneratedImage, path: str | Path, overwrite: bool = False, sidecar: bool = False) -> Path:
+    """Write `image` with its metadata to `path` (a .png; parent folders are created); returns the path
+    actually written, which differs from `path` when that name was taken and `overwrite` is off.
+    With `sidecar`, the metadata is also written as JSON next to it (`name.json`)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"output file {path} must end in .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = image_metadata(image)
+    tmp = _temp_file(path.parent, path.name)
+    try:
+        image.image.save(tmp, format="PNG", pnginfo=png_info(meta))
+        final = _publish(tmp, path, overwrite, sidecar)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if sidecar:
+        write_atomic(sidecar_path(final), (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
+    return final
