@@ -98,13 +98,15 @@ class Flux1:
 
     def __init__(self, root: Path, spec: ModelSpec, precision: str | None = None,
                  quantize: int | str | None = None, low_memory: bool = False,
-                 lora_paths: list[str] | None = None, lora_scales: list[float] | None = None):
+                 lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
+                 lora_merge: bool = True):
         precision = precision or default_precision()
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.root, self.spec, self.precision = Path(root), spec, precision
         self.dtype = PRECISIONS[precision]
         self.low_memory = low_memory
+        self.lora_merge = lora_merge
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         self.quant_spec = _quant_spec(quantize)
@@ -126,7 +128,7 @@ class Flux1:
     @classmethod
     def from_alias(cls, alias: str, path: str | Path | None = None, quantize: int | str | None = None,
                    lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
-                   precision: str | None = None, low_memory: bool = False) -> Flux1:
+                   precision: str | None = None, low_memory: bool = False, lora_merge: bool = True) -> Flux1:
         spec = model_spec(alias)
         if path is None:
             from ..loading.hub import download
@@ -137,7 +139,7 @@ class Flux1:
             if not root.is_dir():
                 raise FileNotFoundError(f"model path {root} does not exist or is not a folder")
         return cls(root, spec, precision=precision, quantize=quantize, low_memory=low_memory,
-                   lora_paths=lora_paths, lora_scales=lora_scales)
+                   lora_paths=lora_paths, lora_scales=lora_scales, lora_merge=lora_merge)
 
     def _load(self, component: str):
         from ..loading import saved
@@ -165,6 +167,10 @@ class Flux1:
 
     @property
     def quantization(self) -> dict | None:
+        from ..loading import saved
+
+        if saved.is_saved_folder(self.root):  # the saved quantization wins over -q
+            return self._saved_quantization()
         return self.quant_spec.as_dict() if self.quant_spec else self._saved_quantization()
 
     def _saved_quantization(self) -> dict | None:
@@ -177,7 +183,13 @@ class Flux1:
     # -- LoRA --------------------------------------------------------------------------------------
 
     def set_loras(self, paths: list[str], scales: list[float] | None = None):
-        """Load LoRA files and apply them with the given strengths (replacing any applied before)."""
+        """Load LoRA files and apply them with the given strengths (replacing any applied before).
+
+        Full-precision layers get the delta merged into W (computed in float32) when `lora_merge`
+        (the default: no per-step cost); quantized layers always use an exact low-rank side path.
+        With lora_merge=False every layer uses the side path, so strength changes and removal
+        return bit-exactly to the base weights (compare.py's strength sweeps).
+        """
         from ..lora import LoRAStack
 
         if scales is None:
@@ -186,7 +198,7 @@ class Flux1:
             raise ValueError(f"got {len(scales)} LoRA scale(s) for {len(paths)} LoRA path(s)")
         if self.loras is not None:
             self.loras.remove(self.transformer, self.clip)
-        self.loras = LoRAStack.load(paths, scales, self.transformer, self.clip)
+        self.loras = LoRAStack.load(paths, scales, self.transformer, self.clip, merge=self.lora_merge)
         self._prompt_cache.clear()
 
     def set_lora_scales(self, scales: list[float]):
@@ -274,10 +286,4 @@ class Flux1:
 
 
 def _quant_spec(quantize: int | str | None) -> q.QuantSpec | None:
-    if quantize is None:
-        return None
-    if isinstance(quantize, str) and not quantize.isdigit():
-        if quantize not in q.FIXED_GROUP:
-            raise ValueError(f"unknown quantization {quantize!r}: bits {q.AFFINE_BITS} or {', '.join(q.FIXED_GROUP)}")
-        return q.QuantSpec.from_mode(quantize)
-    return q.QuantSpec(bits=int(quantize))
+    return q.parse(quantize)

@@ -1,0 +1,362 @@
+"""Applying LoRAs to our models: a live side path by default, merged into the weights when asked.
+
+Every linear a LoRA touches is replaced by a `LoRALinear`, which *is* the base layer (the same
+arrays under the same parameter names, so `model.parameters()` and saving see the base weights)
+plus the live adapters:
+
+    y = base(x) + (x @ A.T) @ B.T + x @ D.T + b
+
+A stacks the downs of every live low-rank piece (per-part scales folded in), B the matching ups
+(strengths folded in, zeros outside each part's rows), so one matmul pair serves a whole fused
+module and any number of LoRAs. A kohya/XLabs fused LoRA is one piece (A x computed once);
+diffusers' to_q/to_k/to_v onto our fused qkv are three pieces side by side. D holds dense deltas
+(LoKr, LoHa, `.diff`): a full (out, in) matrix per layer, as memory-heavy as the weight itself.
+
+Why the side path by default: it is exact (no bf16 rounding of W + delta), works the same on
+quantized layers (which cannot be merged without requantizing), and changing strengths or removing
+a LoRA only rebuilds the small factors; removal restores the very base arrays (bit-exact). It costs
+two rank-r matmuls per touched layer per call. `merge=True` folds the weight deltas of
+full-precision layers into W instead (no per-call cost): W <- cast(f32(W) - D_old + D_new), with
+D computed in float32 from the same factors each time, so undoing a merge subtracts exactly what
+was added. What is not undone is the rounding of W to its dtype at each merge: with bf16 weights a
+merge/unmerge round trip may move some elements by one bf16 ulp. Quantized layers and bias deltas
+always stay on the side path.
+
+Apply LoRAs after the model is cast and quantized: the side factors are built in the layer's dtype
+at that moment, and `nn.quantize` does not convert a wrapped layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .formats import SKIP_NO_CLIP, LoRA, Patch, Report, Specs, load_lora, resolve_lora
+
+Live = dict[str, tuple[Patch, float]]  # LoRA name -> (its patch of this layer, strength)
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
+
+
+def logical_shape(m: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer; a quantized weight packs 32 // bits values per uint32 column."""
+    out, cols = m["weight"].shape
+    return (out, cols * 32 // m.bits) if "scales" in m else (out, cols)
+
+
+def linear_specs(model: nn.Module) -> Specs:
+    return {name: logical_shape(m) for name, m in model.named_modules() if is_linear(m)}
+
+
+@dataclass
+class SidePath:
+    a: mx.array | None = None  # (R, in)
+    b: mx.array | None = None  # (out, R)
+    dense: mx.array | None = None  # (out, in)
+    bias: mx.array | None = None  # (out,)
+
+
+def _delta(live: Live, shape: tuple[int, int]) -> mx.array:
+    """sum_i strength_i * dense delta of patch i, (out, in) float32."""
+    d = mx.zeros(shape, dtype=mx.float32)
+    for patch, strength in live.values():
+        for p in patch.pieces:
+            if p.kind != "bias":
+                d = d.at[p.slot.row : p.slot.row + p.slot.rows].add(strength * p.dense())
+    return d
+
+
+def _bias_delta(live: Live, out: int) -> mx.array | None:
+    """sum_i strength_i * bias delta of patch i, (out,) float32; None if no patch has one."""
+    d = None
+    for patch, strength in live.values():
+        for p in patch.pieces:
+            if p.kind == "bias":
+                b = mx.pad(strength * p.bias(), [(p.slot.row, out - p.slot.row - p.slot.rows)])
+                d = b if d is None else d + b
+    return d
+
+
+class LoRALinear(nn.Module):
+    """A linear layer (nn.Linear or nn.QuantizedLinear) plus live LoRA adapters."""
+
+    def __init__(self, base: nn.Linear | nn.QuantizedLinear):
+        super().__init__()
+        for k, v in base.items():  # weight, bias, scales, biases: the same arrays, no copy
+            self[k] = v
+        if isinstance(base, nn.QuantizedLinear):
+            self.group_size, self.bits, self.mode = base.group_size, base.bits, base.mode
+        self._no_grad = set(base._no_grad)
+        # Plain attributes (not parameters, not children): the base layer is restored on unwrap.
+        object.__setattr__(self, "_base", base)
+        self._call = type(base).__call__
+        self._side = SidePath()
+        object.__setattr__(self, "_merged", {})  # Live merged into W (a dict would become a child)
+        object.__setattr__(self, "_live", {})  # every Live adapter
+
+    @property
+    def quantized(self) -> bool:
+        return "scales" in self
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._call(self, x)  # the base layer's own forward, on our (shared) arrays
+        s = self._side
+        if s.a is not None:
+            y = y + (x @ s.a.T) @ s.b.T
+        if s.dense is not None:
+            y = y + x @ s.dense.T
+        if s.bias is not None:
+            y = y + s.bias
+        return y
+
+    def set_loras(self, live: Live, merge: bool = False) -> None:
+        """Make this layer's delta sum_i strength_i * patch_i (merged into W or on the side path)."""
+        object.__setattr__(self, "_live", dict(live))
+        shape = logical_shape(self)
+        to_merge = live if merge and not self.quantized else {}
+        if _key(to_merge) != _key(self._merged):
+            w = self["weight"].astype(mx.float32)
+            if self._merged:
+                w = w - _delta(self._merged, shape)
+            if to_merge:
+                w = w + _delta(to_merge, shape)
+            w = w.astype(self["weight"].dtype)
+            mx.eval(w)
+            self["weight"] = self._base["weight"] = w
+            object.__setattr__(self, "_merged", dict(to_merge))
+
+        downs, ups, dense, out = [], [], None, shape[0]
+        for name, (patch, strength) in live.items():
+            for p in patch.pieces:
+                rows = (p.slot.row, out - p.slot.row - p.slot.rows)  # zero padding above and below
+                if p.kind == "bias" or name in to_merge:
+                    continue
+                if p.kind == "lora":
+                    down, up = p.factors()
+                    downs.append(down)
+                    ups.append(mx.pad(strength * up, [rows, (0, 0)]))
+                else:
+                    d = mx.pad(strength * p.dense(), [rows, (0, 0)])
+                    dense = d if dense is None else dense + d
+        # The side path runs in the layer's activation dtype (built in float32, cast once).
+        dtype = self["scales"].dtype if self.quantized else self["weight"].dtype
+        a = mx.concatenate(downs, axis=0) if downs else None
+        b = mx.concatenate(ups, axis=1) if ups else None
+        bias = _bias_delta(live, out)  # bias deltas always stay here (cheap, exact)
+        side = [None if x is None else x.astype(dtype) for x in (a, b, dense, bias)]
+        mx.eval([x for x in side if x is not None])
+        self._side = SidePath(*side)
+
+    def bake(self) -> nn.Module:
+        """The plain base layer with the adapters folded in for good: weight deltas merged (float32,
+        one rounding), bias deltas added to the bias."""
+        if self.quantized:
+            raise ValueError(
+                "cannot bake LoRAs into a quantized layer: bake in full precision, then quantize"
+            )
+        self.set_loras(self._live, merge=True)
+        delta = _bias_delta(self._live, logical_shape(self)[0])
+        if delta is not None:
+            if "bias" not in self:  # adding a parameter would change the model's own layout
+                raise ValueError("a LoRA adds a bias to a layer that has none: cannot bake it")
+            self["bias"] = (self["bias"].astype(mx.float32) + delta).astype(self["bias"].dtype)
+            mx.eval(self["bias"])
+            self._side = SidePath()
+        return self.unwrap()
+
+    def unwrap(self) -> nn.Module:
+        """The base layer, with this layer's current arrays (unmerge first to get the base weights)."""
+        base = self._base
+        for k, v in self.items():
+            if not k.startswith("_"):
+                base[k] = v
+        return base
+
+
+def _key(live: Live) -> dict:
+    return {name: (id(patch), strength) for name, (patch, strength) in live.items()}
+
+
+def _child(parent, part: str):
+    return parent[int(part)] if isinstance(parent, list) else parent[part]
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, last = path.split(".")
+    parent = root
+    for part in parents:
+        parent = _child(parent, part)
+    if isinstance(parent, list):
+        parent[int(last)] = module
+    else:
+        setattr(parent, last, module)
+
+
+def _get_module(root: nn.Module, path: str) -> nn.Module:
+    m = root
+    for part in path.split("."):
+        m = _child(m, part)
+    return m
+
+
+@dataclass
+class Entry:
+    name: str
+    lora: LoRA
+    strength: float
+    report: Report
+    patches: list[Patch]  # transformer patches, and CLIP ones once a CLIP model was seen
+    clip_resolved: bool
+
+
+class LoRAStack:
+    """The LoRAs applied to a pipeline's models, by name, with live strengths.
+
+    It holds no reference to the models (the pipeline may release and reload the text encoders):
+    every call takes them, and what is merged lives in each wrapped layer. CLIP keys of a LoRA added
+    while no CLIP model is loaded are resolved and applied by `apply_text_encoder(clip)`.
+
+        stack = LoRAStack.load(paths, scales, transformer, clip)   # prints one line per LoRA
+        stack.set_scales([0.5, 1.2], transformer, clip)
+        stack.remove(transformer, clip)                            # all, or name=...
+    """
+
+    def __init__(self, merge: bool = False):
+        self.entries: dict[str, Entry] = {}
+        self.merge = merge
+
+    @classmethod
+    def load(cls, paths, scales=None, transformer=None, clip=None, merge=False, log=print) -> LoRAStack:
+        """Read, resolve (every key validated before anything changes) and apply LoRA files in order."""
+        scales = [1.0] * len(paths) if scales is None else scales
+        if len(scales) != len(paths):
+            raise ValueError(f"got {len(scales)} LoRA scale(s) for {len(paths)} LoRA path(s)")
+        stack = cls(merge)
+        try:
+            for path, scale in zip(paths, scales, strict=True):
+                report = stack.add(load_lora(path), scale, transformer, clip)
+                if log is not None:
+                    log(f"{report.line()} x {scale:g}")
+        except Exception:
+            stack.remove(transformer, clip)  # all or nothing: undo the files already applied
+            raise
+        return stack
+
+    def add(
+        self, lora: LoRA, strength: float, transformer: nn.Module, clip: nn.Module | None = None
+    ) -> Report:
+        models = _models(transformer, clip)
+        patches, report = resolve_lora(lora, {c: linear_specs(m) for c, m in models.items()})
+        name, n = lora.name, 1
+        while name in self.entries:
+            n += 1
+            name = f"{lora.name}#{n}"
+        report.name = name
+        pending = report.skipped.pop(SKIP_NO_CLIP, None) if clip is None else None
+        if pending:  # the pipeline releases CLIP between prompts: apply_text_encoder applies these
+            report.skipped["CLIP keys, pending (applied when the CLIP model is loaded)"] = pending
+        self.entries[name] = Entry(name, lora, float(strength), report, patches, clip is not None)
+        self._refresh(patches, models)
+        return report
+
+    def set_strength(self, name: str, strength: float, transformer: nn.Module, clip: nn.Module | None = None):
+        entry = self._entry(name)
+        entry.strength = float(strength)
+        self._refresh(entry.patches, _models(transformer, clip))
+
+    def set_scales(self, scales: list[float], transformer: nn.Module, clip: nn.Module | None = None):
+        """One strength per LoRA, in the order they were added."""
+        if len(scales) != len(self.entries):
+            raise ValueError(f"got {len(scales)} LoRA scale(s) for {len(self.entries)} LoRA(s)")
+        for entry, scale in zip(list(self.entries.values()), scales, strict=True):
+            self.set_strength(entry.name, scale, transformer, clip)
+
+    def remove(self, transformer: nn.Module, clip: nn.Module | None = None, name: str | None = None):
+        """Remove one LoRA (by name) or all; the layers they alone touched become the base layers again."""
+        for entry in [self._entry(name)] if name is not None else list(self.entries.values()):
+            del self.entries[entry.name]
+            self._refresh(entry.patches, _models(transformer, clip))
+
+    def set_merge(self, merge: bool, transformer: nn.Module, clip: nn.Module | None = None):
+        """Fold the LoRAs into full-precision weights (True) or move them back to the side path."""
+        self.merge = merge
+        self._refresh([p for e in self.entries.values() for p in e.patches], _models(transformer, clip))
+
+    def apply_text_encoder(self, clip: nn.Module):
+        """Apply the CLIP part of every LoRA to a freshly loaded CLIP model."""
+        specs = {"clip": linear_specs(clip)}
+        for entry in self.entries.values():
+            if not entry.clip_resolved:
+                entry.patches += resolve_lora(entry.lora, specs, strict=False)[0]
+                entry.clip_resolved = True
+        self._refresh(
+            [p for e in self.entries.values() for p in e.patches if p.component == "clip"], {"clip": clip}
+        )
+
+    def info(self) -> list[dict]:
+        """name, path and scale of each LoRA (for image metadata)."""
+        return [
+            {"name": e.name, "path": str(e.lora.path) if e.lora.path else None, "scale": e.strength}
+            for e in self.entries.values()
+        ]
+
+    def lines(self) -> list[str]:
+        return [f"{e.report.line()} x {e.strength:g}" for e in self.entries.values()]
+
+    def _entry(self, name: str) -> Entry:
+        if name not in self.entries:
+            raise KeyError(f"no LoRA named '{name}' (loaded: {', '.join(self.entries) or 'none'})")
+        return self.entries[name]
+
+    def _refresh(self, patches: list[Patch], models: dict[str, nn.Module]) -> None:
+        """Rebuild every layer these patches touch from the current entries and strengths."""
+        live: dict[tuple[str, str], Live] = {
+            (p.component, p.module): {} for p in patches if p.component in models
+        }
+        for entry in self.entries.values():
+            for p in entry.patches:
+                if (p.component, p.module) in live:
+                    live[(p.component, p.module)][entry.name] = (p, entry.strength)
+        for (component, module), entries in sorted(live.items()):
+            root = models[component]
+            layer = _get_module(root, module)
+            if not isinstance(layer, LoRALinear):
+                if not entries:
+                    continue
+                layer = LoRALinear(layer)
+                _set_module(root, module, layer)
+            layer.set_loras(entries, self.merge)
+            if not entries:
+                _set_module(root, module, layer.unwrap())
+
+
+def bake(model: nn.Module) -> int:
+    """Fold every LoRA of a full-precision model into its weights for good (e.g. before quantizing
+    and saving): each LoRALinear becomes its plain base layer again. Returns the layers baked; any
+    LoRAStack that applied them is then stale."""
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name, layer in wrapped:
+        _set_module(model, name, layer.bake())
+    return len(wrapped)
+
+
+def _models(transformer: nn.Module, clip: nn.Module | None) -> dict[str, nn.Module]:
+    return {"transformer": transformer, **({"clip": clip} if clip is not None else {})}
+
+
+def apply_loras(
+    transformer: nn.Module,
+    loras: list[LoRA],
+    strengths: list[float] | None = None,
+    clip: nn.Module | None = None,
+    merge: bool = False,
+) -> LoRAStack:
+    """Apply LoRAs already read (strengths default to 1.0); see LoRAStack."""
+    stack = LoRAStack(merge)
+    for lora, strength in zip(loras, strengths or [1.0] * len(loras), strict=True):
+        stack.add(lora, strength, transformer, clip)
+    return stack
