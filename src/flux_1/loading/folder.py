@@ -47,7 +47,10 @@ def _torch_source(files: list[Path], table, label: str, renames=None, ignore=Non
 
         tensors = {unprefixed(k): v for k, v in tensors.items()}
         origin = {unprefixed(k): v for k, v in origin.items()}
-    weights = convert(tensors, origin, table, renames, ignore)
+    if ignore is not None:
+        keys = set(tensors)
+        tensors = {k: v for k, v in tensors.items() if not ignore(k, keys)}
+    weights = convert(tensors, origin, table, renames)
     return Source(to_mlx_layout(weights), label)
 
 
@@ -89,11 +92,10 @@ def find_source(root: Path, component: str) -> Source:
     if component == "vae":
         return _torch_source(files, tables.DIFFUSERS_VAE, label)
     if component == "clip":
-        return _torch_source(files, tables.DIFFUSERS_CLIP, label, ignore=lambda k: k.endswith("position_ids"))
-    tensors, _ = read_lazy(files)
-    has_shared = "shared.weight" in tensors
+        return _torch_source(files, tables.DIFFUSERS_CLIP, label, ignore=lambda k, _: k.endswith("position_ids"))
+    # transformers may save T5's tied embedding twice: keep `shared` when both are present.
     return _torch_source(files, tables.DIFFUSERS_T5, label,
-                         ignore=lambda k: has_shared and k == "encoder.embed_tokens.weight")
+                         ignore=lambda k, keys: k == "encoder.embed_tokens.weight" and "shared.weight" in keys)
 
 
 def build(component: str, source: Source, dtype: mx.Dtype, spec: q.QuantSpec | None = None,

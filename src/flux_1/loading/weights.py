@@ -74,7 +74,6 @@ def convert(
     origin: dict[str, Path],
     table: list[Rule],
     param_renames: dict[str, str] | None = None,
-    ignore: Callable[[str], bool] | None = None,
 ) -> dict[str, mx.array]:
     """Source names -> our names with one format table; fused parts are concatenated (lazily)."""
     param_renames = param_renames or {}
@@ -83,8 +82,6 @@ def convert(
     expected_parts: dict[str, int] = {}
     sources: dict[str, list[str]] = {}
     for name, value in tensors.items():
-        if ignore is not None and ignore(name):
-            continue
         module, param = split_param(name)
         r = resolve(table, module)
         if r is None:
