@@ -213,6 +213,9 @@ class Entry:
     clip_resolved: bool
 
 
+PENDING_CLIP = "CLIP keys, pending (applied when the CLIP model is loaded)"
+
+
 class LoRAStack:
     """The LoRAs applied to a pipeline's models, by name, with live strengths.
 
@@ -258,7 +261,7 @@ class LoRAStack:
         report.name = name
         pending = report.skipped.pop(SKIP_NO_CLIP, None) if clip is None else None
         if pending:  # the pipeline releases CLIP between prompts: apply_text_encoder applies these
-            report.skipped["CLIP keys, pending (applied when the CLIP model is loaded)"] = pending
+            report.skipped[PENDING_CLIP] = pending
         self.entries[name] = Entry(name, lora, float(strength), report, patches, clip is not None)
         self._refresh(patches, models)
         return report
@@ -295,6 +298,13 @@ class LoRAStack:
                 entry.clip_resolved = True
         self._refresh(
             [p for e in self.entries.values() for p in e.patches if p.component == "clip"], {"clip": clip}
+        )
+
+    def touches_text_encoder(self) -> bool:
+        """Whether any LoRA changes CLIP, i.e. whether prompt encodings depend on the strengths."""
+        return any(
+            any(p.component == "clip" for p in e.patches) or PENDING_CLIP in e.report.skipped
+            for e in self.entries.values()
         )
 
     def info(self) -> list[dict]:

@@ -206,7 +206,8 @@ class Flux1:
         if self.loras is None:
             raise ValueError("no LoRA is applied")
         self.loras.set_scales(scales, self.transformer, self.clip)
-        self._prompt_cache.clear()
+        if self.loras.touches_text_encoder():
+            self._prompt_cache.clear()
 
     def lora_info(self) -> list[dict]:
         return self.loras.info() if self.loras is not None else []
