@@ -30,16 +30,16 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from ..pipeline.flux1 import MODELS, PRECISIONS, Config
+from ..pipeline.flux1 import MODELS, Config
 from .errors import CLIError, user_errors
 from .main import (
-    QUANTIZE_CHOICES,
+    add_lora_arguments,
+    add_model_arguments,
     check_args,
     check_model_folder,
     check_output_folder,
     format_bytes,
     make_config,
-    parse_quantize,
 )
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0)
@@ -60,33 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         "LoRAs. Writes strength_{s}.png for each strength and grid.png to --output-dir, never overwriting "
         "(_1, _2, ... is added).",
     )
-    p.add_argument("--model", "-m", required=True, choices=list(MODELS),
-                   help="schnell (4 steps) or dev (25 steps)")
-    p.add_argument("--prompt", "-p", required=True, help="the text to draw")
-    p.add_argument("--path", type=Path,
-                   help="local model folder (diffusers layout, BFL files, or saved by flux1-save) "
-                   "instead of the Hugging Face Hub")
-    p.add_argument("--lora-paths", nargs="+", default=[], metavar="P",
-                   help="LoRA .safetensors files (at least one)")
-    p.add_argument("--lora-scales", nargs="+", type=float, metavar="S",
-                   help="base scale of each LoRA, multiplied by each strength (default 1.0 each)")
+    add_model_arguments(p)
+    add_lora_arguments(p, "base scale of each LoRA, multiplied by each strength (default 1.0 each)",
+                       "LoRA .safetensors files (at least one)")
     p.add_argument("--strengths", nargs="+", type=float, default=list(DEFAULT_STRENGTHS), metavar="S",
                    help="strengths to compare, one image each, in this order (default 0 0.5 1; 0 = no LoRA)")
     p.add_argument("--seed", type=int, help="the seed of every image (default: random, printed and stored)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 4 for schnell, 25 for dev)")
-    for side in ("--height", "--width"):
-        p.add_argument(side, type=int, default=1024,
-                       help="pixels, rounded down to a multiple of 16 (default 1024)")
-    p.add_argument("--guidance", type=float,
-                   help="distilled guidance for dev (default 3.5); schnell ignores it")
-    p.add_argument("-q", "--quantize", type=parse_quantize, metavar="BITS",
-                   help=f"quantize while loading: {', '.join(QUANTIZE_CHOICES)}")
     p.add_argument("--output-dir", "-o", type=Path, default=Path(DEFAULT_OUTPUT_DIR),
                    help=f"folder for strength_{{s}}.png and grid.png, created if needed "
                    f"(default {DEFAULT_OUTPUT_DIR}/)")
-    p.add_argument("--precision", choices=list(PRECISIONS),
-                   help="compute dtype (default: float32 on the CPU backend, bfloat16 on a GPU)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print per-stage times and peak memory")
     return p
 
 

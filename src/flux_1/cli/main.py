@@ -33,12 +33,8 @@ def parse_quantize(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Generate images with FLUX.1 (MLX).",
-        epilog="Every PNG carries its settings (A1111 `parameters` and JSON `flux_1` text chunks). "
-        "Models come from the Hugging Face cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN) unless --path is given.",
-    )
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags shared by every generating command: model, prompt, folder, sampling, precision."""
     p.add_argument("--model", "-m", required=True, choices=list(MODELS),
                    help="schnell (4 steps) or dev (25 steps)")
     p.add_argument("--prompt", "-p", required=True, help="the text to draw")
@@ -46,8 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local model folder (diffusers layout, BFL files, or saved by flux1-save) "
                    "instead of the Hugging Face Hub")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 for schnell, 25 for dev)")
-    p.add_argument("--seed", type=int, nargs="+", metavar="S",
-                   help="one or more seeds, one image each (default: a random seed, printed and stored)")
     for side in ("--height", "--width"):
         p.add_argument(side, type=int, default=1024,
                        help="pixels, rounded down to a multiple of 16 (default 1024)")
@@ -55,17 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distilled guidance for dev (default 3.5); schnell ignores it")
     p.add_argument("-q", "--quantize", type=parse_quantize, metavar="BITS",
                    help=f"quantize while loading: {', '.join(QUANTIZE_CHOICES)}")
-    p.add_argument("--lora-paths", nargs="+", default=[], metavar="P", help="LoRA .safetensors files")
-    p.add_argument("--lora-scales", nargs="+", type=float, metavar="S",
-                   help="one strength per LoRA path (default 1.0 each)")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="compute dtype (default: float32 on the CPU backend, bfloat16 on a GPU)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print per-stage times and peak memory")
+
+
+def add_lora_arguments(p: argparse.ArgumentParser, scales_help: str,
+                       paths_help: str = "LoRA .safetensors files") -> None:
+    p.add_argument("--lora-paths", nargs="+", default=[], metavar="P", help=paths_help)
+    p.add_argument("--lora-scales", nargs="+", type=float, metavar="S", help=scales_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Generate images with FLUX.1 (MLX).",
+        epilog="Every PNG carries its settings (A1111 `parameters` and JSON `flux_1` text chunks). "
+        "Models come from the Hugging Face cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN) unless --path is given.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--seed", type=int, nargs="+", metavar="S",
+                   help="one or more seeds, one image each (default: a random seed, printed and stored)")
+    add_lora_arguments(p, "one strength per LoRA path (default 1.0 each)")
     p.add_argument("--output", "-o", default=DEFAULT_OUTPUT,
                    help=f"output .png; may use {{seed}}, {{model}}, {{steps}} (default {DEFAULT_OUTPUT}). "
                    "Existing files are never overwritten: _1, _2, ... is added")
     p.add_argument("--metadata", action="store_true",
                    help="also write the metadata as a .json file beside each image")
-    p.add_argument("--precision", choices=list(PRECISIONS),
-                   help="compute dtype (default: float32 on the CPU backend, bfloat16 on a GPU)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print per-stage times and peak memory")
     return p
 
 
