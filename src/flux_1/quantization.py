@@ -45,7 +45,9 @@ KEEP_FULL_PRECISION = {
     "vae": (),
 }
 # Embeddings the policy quantizes (the token tables); every other embedding stays.
-QUANTIZED_EMBEDDINGS = {"t5": ("shared",), "clip": ("embeddings.token_embedding",), "transformer": (), "vae": ()}
+QUANTIZED_EMBEDDINGS = {
+    "transformer": (), "t5": ("shared",), "clip": ("embeddings.token_embedding",), "vae": (),
+}
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
@@ -67,7 +69,8 @@ class QuantSpec:
             if self.bits != MODE_BITS[self.mode]:
                 raise ValueError(f"{self.mode} is {MODE_BITS[self.mode]}-bit, got bits={self.bits}")
             if self.group_size != FIXED_GROUP[self.mode]:
-                raise ValueError(f"{self.mode} has group size {FIXED_GROUP[self.mode]}, got {self.group_size}")
+                raise ValueError(
+                    f"{self.mode} has group size {FIXED_GROUP[self.mode]}, got {self.group_size}")
 
     @classmethod
     def from_mode(cls, mode: str) -> QuantSpec:
@@ -83,6 +86,11 @@ class QuantSpec:
     def label(self) -> str:
         """What `-q` is given to get this spec ("4", "mxfp4")."""
         return str(self.bits) if self.mode == "affine" else self.mode
+
+    @property
+    def description(self) -> str:
+        """For messages: "4-bit affine (group 64)", "mxfp4"."""
+        return f"{self.bits}-bit affine (group {self.group_size})" if self.mode == "affine" else self.mode
 
     def group_for(self, in_features: int) -> int | None:
         """The requested group size if it divides the input width, else the largest of 128/64/32 that
@@ -119,7 +127,7 @@ def parse(value: int | str | QuantSpec | None) -> QuantSpec | None:
     return spec
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mode_runs(mode: str, device: str) -> bool:
     spec = QuantSpec.from_mode(mode) if mode != "affine" else QuantSpec(bits=4)
     try:
@@ -144,8 +152,8 @@ def supported_modes() -> tuple[str, ...]:
 def check_supported(spec: QuantSpec) -> None:
     if spec.mode not in supported_modes():
         raise ValueError(
-            f"{spec.mode} quantization does not run on this backend ({mx.default_device()}, mlx {mx.__version__}); "
-            f"available here: {', '.join(supported_modes())}"
+            f"{spec.mode} quantization does not run on this backend ({mx.default_device()}, "
+            f"mlx {mx.__version__}); available here: {', '.join(supported_modes())}"
         )
 
 
@@ -217,7 +225,7 @@ def quantize_on_load(module_name: str, weight: mx.array, module: nn.Module, dtyp
         return {"weight": weight}
     out = mx.quantize(weight.astype(dtype), group_size=module.group_size, bits=module.bits, mode=module.mode)
     names = ("weight", "scales", "biases")
-    return {n: a for n, a in zip(names, out) if a is not None}
+    return {n: a for n, a in zip(names, out, strict=False) if a is not None}
 
 
 def quantize_loaded(model: nn.Module, plan: dict[str, dict]) -> None:
@@ -227,16 +235,15 @@ def quantize_loaded(model: nn.Module, plan: dict[str, dict]) -> None:
     (unless something else holds it), so memory does not grow to full precision + quantized.
     """
     _check_plan(model, plan)
-    modules = dict(model.named_modules())
+    modules = {name: m for name, m in model.named_modules() if name in plan}
     for name, how in plan.items():
-        module = modules[name]
+        module = modules.pop(name)  # no reference to the full-precision layer outlives its turn
         if isinstance(module, QUANTIZED):
             continue
         quantized = module.to_quantized(**how)
         mx.eval(quantized.parameters())
         model.update_modules(tree_unflatten([(name, quantized)]))
         del module, quantized
-    modules.clear()
 
 
 def describe(model: nn.Module) -> dict[str, dict]:
@@ -311,16 +318,23 @@ ROW_NAMES = {"transformer": "transformer", "t5": "T5-XXL (text_encoder_2)", "cli
 def format_size_table(table: dict[str, dict[str, int]]) -> str:
     """Markdown: one row per component, one column per setting, GB (10^9 bytes); mflux's figures below."""
     settings = list(table["pipeline"])
-    head = "| component | " + " | ".join(s if s in FIXED_GROUP or s == "bf16" else f"{s}-bit" for s in settings)
-    lines = [head + " |", "|---|" + "---:|" * len(settings)]
-    for row, values in table.items():
-        lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(f"{values[s] / 1e9:.2f}" for s in settings) + " |")
-    lines.append("| mflux README (whole pipeline) | "
-                 + " | ".join(f"{MFLUX_SIZES_GB[s]:.2f}" if s in MFLUX_SIZES_GB else "–" for s in settings) + " |")
+    def row(name: str, cells) -> str:
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    lines = [row("component", (s if s in FIXED_GROUP or s == "bf16" else f"{s}-bit" for s in settings)),
+             "|---|" + "---:|" * len(settings)]
+    for name, values in table.items():
+        lines.append(row(ROW_NAMES.get(name, name), (f"{values[s] / 1e9:.2f}" for s in settings)))
+    mflux = (f"{MFLUX_SIZES_GB[s]:.2f}" if s in MFLUX_SIZES_GB else "–" for s in settings)
+    lines.append(row("mflux README (whole pipeline)", mflux))
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m flux_1.quantization: print the size table
+def size_report() -> str:
+    """The markdown tables of docs/QUANTIZATION.md (schnell and dev):
+    `python -c "import flux_1.quantization as q; print(q.size_report())"`."""
+    parts = []
     for dev in (False, True):
-        print(f"FLUX.1-{'dev' if dev else 'schnell'}, GB (10^9 bytes)\n")
-        print(format_size_table(size_table(guidance=dev)), end="\n\n")
+        title = f"FLUX.1-{'dev' if dev else 'schnell'}, GB (10^9 bytes)"
+        parts.append(f"{title}\n\n{format_size_table(size_table(guidance=dev))}")
+    return "\n\n".join(parts)

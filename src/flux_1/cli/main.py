@@ -16,11 +16,10 @@ import warnings
 from pathlib import Path
 
 from ..pipeline.flux1 import MODELS, PRECISIONS, Config
-from ..quantization import FIXED_GROUP
+from ..quantization import CHOICES
 from .errors import CLIError, user_errors
 
-QUANTIZE_BITS = (3, 4, 5, 6, 8)
-QUANTIZE_CHOICES = (*map(str, QUANTIZE_BITS), *FIXED_GROUP)
+QUANTIZE_CHOICES = CHOICES
 DEFAULT_OUTPUT = "flux_{seed}.png"
 OUTPUT_FIELDS = ("seed", "model", "steps")
 MAX_SEED = 2**64 - 1
@@ -130,6 +129,19 @@ def check_model_folder(root: Path) -> None:
             raise WeightLoadError(f"missing component folder {sub}/ in {root}")
 
 
+def check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.lora_scales is not None and not args.lora_paths:
+        parser.error("--lora-scales given without --lora-paths")
+    if args.lora_scales is not None and len(args.lora_scales) != len(args.lora_paths):
+        parser.error(f"got {len(args.lora_scales)} --lora-scales for {len(args.lora_paths)} --lora-paths: "
+                     "give one scale per LoRA")
+    for lora in args.lora_paths:
+        if not Path(lora).exists():
+            parser.error(f"LoRA file {lora} does not exist")
+        if not Path(lora).is_file():
+            parser.error(f"LoRA path {lora} is not a file")
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         parser.error("--prompt is empty")
@@ -141,16 +153,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for seed in args.seed or []:
         if not 0 <= seed <= MAX_SEED:
             parser.error(f"--seed {seed} is out of range: seeds are 0 to 2**64-1")
-    if args.lora_scales is not None and not args.lora_paths:
-        parser.error("--lora-scales given without --lora-paths")
-    if args.lora_scales is not None and len(args.lora_scales) != len(args.lora_paths):
-        parser.error(f"got {len(args.lora_scales)} --lora-scales for {len(args.lora_paths)} --lora-paths: "
-                     "give one scale per LoRA")
-    for lora in args.lora_paths:
-        if not Path(lora).exists():
-            parser.error(f"LoRA file {lora} does not exist")
-        if not Path(lora).is_file():
-            parser.error(f"LoRA path {lora} is not a file")
+    check_lora_args(parser, args)
 
 
 def make_config(args: argparse.Namespace) -> Config:

@@ -125,6 +125,18 @@ def component_metadata(root: Path, component: str) -> tuple[list[Path], dict[str
     return files, first
 
 
+def check_folder(root: Path) -> dict:
+    """Everything about a saved folder that can be checked without loading it (manifest, format version,
+    each component's files and metadata, the tokenizers); returns the manifest."""
+    manifest = read_manifest(root)
+    for component in FOLDERS:
+        component_metadata(root, component)
+    for sub in TOKENIZERS:
+        if not (Path(root) / sub).is_dir():
+            raise WeightLoadError(f"missing component folder {sub}/ in {root}")
+    return manifest
+
+
 def load_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpec | None = None) -> nn.Module:
     """Build one component from a saved folder; its quantization comes from the folder.
 
@@ -139,35 +151,39 @@ def load_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpe
     files, meta = component_metadata(root, component)
     try:
         plan = json.loads(meta.get("layers", "{}"))
-    except ValueError as e:
-        raise SavedFormatError(f"{files[0]}: unreadable layer plan in its metadata ({e})") from e
-    saved = manifest.get("quantization")
-    saved_spec = q.QuantSpec.from_dict(saved) if saved else None
-    if spec is not None and saved_spec is not None and (spec.bits, spec.mode) != (saved_spec.bits, saved_spec.mode):
+        for how in plan.values():
+            q.QuantSpec(bits=int(how["bits"]), group_size=int(how["group_size"]), mode=how["mode"])
+        saved = manifest.get("quantization")
+        saved_spec = q.QuantSpec.from_dict(saved) if saved else None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SavedFormatError(f"{files[0]}: unreadable quantization metadata ({e!r})") from e
+    disagrees = saved_spec is not None and spec is not None and (spec.bits, spec.mode) != (
+        saved_spec.bits, saved_spec.mode)
+    if disagrees:
         key = (str(root.resolve()), spec, saved_spec)
         if key not in _warned:
             _warned.add(key)
-            warnings.warn(f"{root} is saved quantized at {saved_spec.label} (bits={saved_spec.bits}, "
-                          f"mode={saved_spec.mode}); ignoring -q {spec.label}", stacklevel=2)
+            warnings.warn(f"{root} is saved quantized ({saved_spec.description}): ignoring -q {spec.label}, "
+                          f"the saved quantization is used", stacklevel=2)
     tensors, _ = read_lazy(files)
+    label = str(root / FOLDERS[component])
     shapes = {}
     for key, value in tensors.items():
         module, _, param = key.rpartition(".")
-        how = plan.get(module)
-        shape = tuple(value.shape)
-        shapes[key] = q.logical_shape(shape, how["bits"]) if how and param == "weight" else shape
-    label = str(root / FOLDERS[component])
+        how = plan.get(module) if param == "weight" else None
+        if how is not None and value.dtype != mx.uint32:
+            raise SavedFormatError(f"{label}: the layer plan quantizes '{module}' but its weight is "
+                                   f"{value.dtype}, not packed codes (mismatched metadata)")
+        shapes[key] = q.logical_shape(tuple(value.shape), how["bits"]) if how else tuple(value.shape)
     source = Source(tensors, label, shapes)
     del tensors
     try:
-        if saved_spec is None:
-            return build(component, source, dtype, spec)
-        return build(component, source, dtype, None, plan=plan)
+        if plan or saved_spec is not None:  # the saved plan decides (an empty plan: kept full precision)
+            return build(component, source, dtype, None, plan=plan)
+        return build(component, source, dtype, spec)  # a full-precision folder: like any other source
     except KeyError as e:
         raise WeightLoadError(f"{label}: missing key {e} (incomplete or foreign saved folder?)") from e
-    except ValueError as e:
-        if isinstance(e, WeightLoadError):
-            raise
+    except ValueError as e:  # a plan naming layers this model does not have
         raise WeightLoadError(f"{label}: {e}") from e
 
 
@@ -220,12 +236,12 @@ def write_component(folder: Path, component: str, model: nn.Module, precision: s
     shards = shard_keys(arrays, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1
              else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    for name, keys in zip(names, shards):
+    for name, keys in zip(names, shards, strict=True):
         mx.save_safetensors(str(folder / name), {k: arrays[k] for k in keys}, metadata=meta)
     total = sum(a.nbytes for a in arrays.values())
     if len(shards) > 1:
         index = {"metadata": {**meta, "total_size": str(total)},
-                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+                 "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys}}
         (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return {"folder": folder.name, "files": names, "tensor_bytes": total, "quantized_layers": len(plan)}
 
@@ -284,9 +300,10 @@ def save(out: str | Path, model: str, source: str | Path | None = None, quantize
     """Write FLUX.1-`model` (schnell | dev) from `source` (a local folder; None: the Hub) into `out`,
     quantized with `quantize` (bits or mode; None: full precision), LoRAs merged in first.
 
-    Without LoRAs each component is quantized while loading, written and released in turn (peak memory:
-    the largest quantized component plus a layer). With LoRAs the pipeline is loaded in full precision,
-    the LoRAs are merged into the weights (exact), and only then is each component quantized.
+    Each component is loaded, written and released in turn. Without LoRAs it is quantized while
+    loading (peak memory: the largest quantized component plus a layer). The components LoRAs touch
+    (transformer, CLIP) are loaded in full precision, the LoRAs merged into their weights, and only
+    then quantized, layer by layer (peak: the full-precision transformer); never into quantized codes.
     """
     from ..pipeline.flux1 import PRECISIONS, model_spec
 
@@ -319,25 +336,24 @@ def save(out: str | Path, model: str, source: str | Path | None = None, quantize
         if not (root / sub).is_dir():
             raise WeightLoadError(f"missing component folder {sub}/ in {root}")
     if is_saved_folder(root):
-        saved = read_manifest(root).get("quantization")
-        if saved and (lora_paths or q.parse(quantize) != q.QuantSpec.from_dict(saved)):
-            raise SaveError(f"{root} is already quantized ({q.QuantSpec.from_dict(saved).label}); "
+        stored = read_manifest(root).get("quantization")
+        if stored and (lora_paths or spec != q.QuantSpec.from_dict(stored)):
+            raise SaveError(f"{root} is already quantized ({q.QuantSpec.from_dict(stored).description}); "
                             "save from the full-precision weights to change the quantization or bake LoRAs")
 
     def fill(tmp: Path) -> None:
         entries = {}
         if lora_paths:
-            entries = _write_with_loras(tmp, root, alias, dtype, precision, spec, lora_paths, scales,
+            entries = _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales,
                                         max_shard_bytes, log)
         else:
             from .folder import load_component as load_source
 
+            load = load_component if is_saved_folder(root) else load_source
             for component in FOLDERS:
-                log(f"{component}: loading{f' and quantizing ({spec.label})' if spec else ''}")
-                if is_saved_folder(root):
-                    built = load_component(root, component, dtype, spec)
-                else:
-                    built = load_source(root, component, dtype, spec)
+                quantizing = spec is not None and component != "vae"
+                log(f"{component}: loading{f' and quantizing ({spec.description})' if quantizing else ''}")
+                built = load(root, component, dtype, spec)
                 entries[component] = write_component(tmp / FOLDERS[component], component, built, precision,
                                                      max_shard_bytes)
                 del built
@@ -350,26 +366,39 @@ def save(out: str | Path, model: str, source: str | Path | None = None, quantize
     return write_atomically(out, overwrite, fill)
 
 
-def _write_with_loras(tmp, root, alias, dtype, precision, spec, lora_paths, scales, max_shard_bytes, log):
+def _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales, max_shard_bytes, log):
+    """Transformer and CLIP: load in full precision, merge the LoRAs into the weights (in float32, one
+    rounding to `precision`), then quantize layer by layer and write. T5 and the VAE (which LoRAs do not
+    touch) are quantized while loading. One component is in memory at a time."""
     try:
-        from ..lora import LoRAStack  # noqa: F401
+        from ..lora import LoRAStack, bake
     except ImportError as e:
         raise SaveError(f"baking LoRAs needs flux_1.lora, which is not available here ({e})") from e
-    from ..pipeline.flux1 import Flux1, model_spec
+    from .folder import load_component as load_source
 
-    log(f"loading {alias} in {precision} and merging {len(lora_paths)} LoRA(s)")
-    pipe = Flux1(root, model_spec(alias), precision=precision, quantize=None,
-                 lora_paths=lora_paths, lora_scales=scales)
+    load = load_component if is_saved_folder(root) else load_source
     entries = {}
-    for component, attr in (("transformer", "transformer"), ("t5", "t5"), ("clip", "clip"), ("vae", "vae")):
-        model = getattr(pipe, attr)
-        _check_plain(model, component)
-        plan = q.layer_plan(model, component, spec)
-        log(f"{component}: quantizing {len(plan)} layers" if plan else f"{component}: writing")
-        q.quantize_loaded(model, plan)
+    stack = None
+    for component in ("transformer", "t5", "clip", "vae"):
+        touched = component in ("transformer", "clip")
+        model = load(root, component, dtype, None if touched else spec)
+        if component == "transformer":
+            log(f"merging {len(lora_paths)} LoRA(s) into the full-precision weights")
+            stack = LoRAStack.load(lora_paths, scales, model, None, merge=True, log=log)
+        elif component == "clip":
+            stack.apply_text_encoder(model)
+        if touched:
+            try:
+                bake(model)  # each LoRA-wrapped layer becomes its plain layer with the merged weight
+            except ValueError as e:
+                raise SaveError(f"{component}: {e}") from e
+            _check_plain(model, component)
+            plan = q.layer_plan(model, component, spec)
+            if plan:
+                log(f"{component}: quantizing {len(plan)} layers ({spec.description})")
+            q.quantize_loaded(model, plan)
         entries[component] = write_component(tmp / FOLDERS[component], component, model, precision,
-                                              max_shard_bytes)
-        setattr(pipe, attr, None)
+                                             max_shard_bytes)
         del model
         mx.clear_cache()
     return entries
@@ -401,7 +430,7 @@ def write_manifest(folder: Path, alias: str, source: str, precision: str, spec: 
         "precision": precision,
         "quantization": spec.as_dict() if spec else None,
         "loras": [{"path": str(Path(p).resolve()), "name": Path(p).name, "scale": s}
-                  for p, s in zip(lora_paths, scales)],
+                  for p, s in zip(lora_paths, scales, strict=True)],
         "components": components,
         "tokenizers": list(TOKENIZERS),
     }

@@ -1,0 +1,299 @@
+"""Quantization: the settings, the layer policy, per-layer and image error bounds, quantize-while-loading
+memory, and the size table of the real FLUX.1 models (shapes only)."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from flux_1 import Config, Flux1
+from flux_1 import quantization as q
+from flux_1.loading import folder
+
+# Relative output error ||Wq x - W x|| / ||W x|| of every quantized layer of the tiny models (Gaussian
+# weights, 16 random inputs). Measured maxima (mlx 0.32.4, CPU): 3-bit 0.200, 4-bit 0.098, 5-bit 0.050,
+# 6-bit 0.024, 8-bit 0.0058, mxfp8 0.030, mxfp4 0.133, nvfp4 0.105 (means 0.185 / 0.089 / 0.043 / 0.021 /
+# 0.0052 / 0.027 / 0.116 / 0.095). Bounds leave ~20% headroom.
+LAYER_ERROR_BOUND = {"3": 0.25, "4": 0.12, "5": 0.06, "6": 0.03, "8": 0.01,
+                     "mxfp8": 0.04, "mxfp4": 0.16, "nvfp4": 0.13}
+# Mean absolute pixel difference (0-255) of the tiny pipeline's 32x32 image (2 steps, seed 5) against its
+# float32 image. Measured: 8-bit 0.14, 6-bit 0.49, 5-bit 1.13, 4-bit 1.79, 3-bit 3.69, mxfp8 0.52,
+# mxfp4 2.84, nvfp4 2.21 (another seed and prompt, 64x64 / 4 steps: 0.12, 0.77, 1.24, 1.81, 5.75, 0.63,
+# 3.73, 2.13). Bounds: about twice the larger of the two.
+IMAGE_MAD_BOUND = {"8": 0.5, "6": 1.6, "5": 2.5, "4": 3.6, "3": 11.0,
+                   "mxfp8": 1.3, "mxfp4": 7.0, "nvfp4": 4.5}
+QUANTIZED_COMPONENTS = ("transformer", "t5", "clip")
+
+
+# -- settings ------------------------------------------------------------------------------------------
+
+
+def test_parse_settings():
+    assert q.parse(None) is None and q.parse("none") is None
+    assert q.parse(4) == q.parse("4") == q.QuantSpec(bits=4, group_size=64, mode="affine")
+    assert q.parse("mxfp4") == q.QuantSpec(bits=4, group_size=32, mode="mxfp4")
+    assert q.parse("nvfp4").group_size == 16 and q.parse("mxfp8").bits == 8
+    for bad in (2, 7, "16", "fp8", "int4"):
+        with pytest.raises(ValueError, match="quantize must be one of"):
+            q.parse(bad)
+    with pytest.raises(ValueError):
+        q.QuantSpec(bits=4, mode="mxfp4")  # mxfp4 has group 32
+    with pytest.raises(ValueError):
+        q.QuantSpec(bits=4, group_size=48)
+    assert q.CHOICES == ("3", "4", "5", "6", "8", "mxfp4", "mxfp8", "nvfp4")
+
+
+def test_modes_run_on_this_backend():
+    # On the CPU backend of mlx 0.32 all three microscaling formats run (quantize, matmul, dequantize).
+    modes = q.supported_modes()
+    assert "affine" in modes
+    if mx.default_device() == mx.cpu:
+        assert set(modes) == {"affine", "mxfp4", "mxfp8", "nvfp4"}
+
+
+def test_group_size_fallback():
+    spec = q.QuantSpec(bits=4)
+    assert spec.group_for(3072) == 64 and spec.group_for(4096) == 64
+    assert spec.group_for(96) == 32  # 64 and 128 do not divide: the largest that does
+    assert spec.group_for(48) is None  # nothing divides: the layer stays full precision
+    assert q.QuantSpec(bits=4, group_size=128).group_for(192) == 64
+    assert q.parse("mxfp4").group_for(48) is None and q.parse("nvfp4").group_for(48) == 16
+
+
+# -- policy ----------------------------------------------------------------------------------------------
+
+
+def test_policy_on_full_size_models():
+    """Which layers of the real FLUX.1 models are quantized (built lazily from default params)."""
+    spec = q.QuantSpec(bits=4)
+    expected_counts = {"transformer": 19 * 10 + 38 * 3 + 2 + 2 + 1 + 1, "t5": 1 + 24 * 7, "clip": 1 + 12 * 6,
+                       "vae": 0}
+    for component, count in expected_counts.items():
+        model = q._full_size_model(component)
+        plan = q.layer_plan(model, component, spec)
+        assert len(plan) == count, component
+        modules = dict(model.named_modules())
+        for name, how in plan.items():
+            assert isinstance(modules[name], (nn.Linear, nn.Embedding))
+            assert how == {"group_size": 64, "bits": 4, "mode": "affine"}
+        kept = {n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding))} - set(plan)
+        assert kept == set(q.KEEP_FULL_PRECISION[component]) or component == "vae", (component, kept)
+    transformer = q.layer_plan(q._full_size_model("transformer", guidance=True), "transformer", spec)
+    assert "guidance_in.in_layer" in transformer and "img_in" not in transformer
+    assert "final_layer.linear" not in transformer and "final_layer.adaLN_modulation.layers.1" in transformer
+
+
+def test_quantize_skeleton_rejects_foreign_plan():
+    model = q._full_size_model("clip")
+    with pytest.raises(ValueError, match="not linears or embeddings"):
+        q.quantize_skeleton(model, {"encoder.layers.0.layer_norm1": {"group_size": 64, "bits": 4}})
+
+
+def test_plan_spec():
+    assert q.plan_spec({}) is None
+    plan = {"a": {"group_size": 64, "bits": 4, "mode": "affine"},
+            "b": {"group_size": 32, "bits": 4, "mode": "affine"},
+            "c": {"group_size": 64, "bits": 4, "mode": "affine"}}
+    assert q.plan_spec(plan) == q.QuantSpec(bits=4, group_size=64)
+    with pytest.raises(ValueError, match="more than one way"):
+        q.plan_spec({**plan, "d": {"group_size": 64, "bits": 8, "mode": "affine"}})
+
+
+# -- error bounds ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_precision_models(tiny_schnell):
+    return {c: folder.load_component(tiny_schnell, c, mx.float32) for c in QUANTIZED_COMPONENTS}
+
+
+def _layer_errors(root, spec, full) -> dict[str, float]:
+    key = mx.random.key(1)
+    errors = {}
+    for component in QUANTIZED_COMPONENTS:
+        quantized = folder.load_component(root, component, mx.float32, spec)
+        reference = dict(full[component].named_modules())
+        plan = q.describe(quantized)
+        assert plan == q.layer_plan(full[component], component, spec)
+        for name, m in quantized.named_modules():
+            if not isinstance(m, q.QUANTIZED):
+                continue
+            f = reference[name]
+            if isinstance(m, nn.QuantizedLinear):
+                x = mx.random.normal((16, f.weight.shape[1]), key=key)
+                a, b = m(x), f(x)
+                if "bias" in f:
+                    a, b = a - f.bias, b - f.bias
+            else:
+                ids = mx.arange(f.weight.shape[0])
+                a, b = m(ids), f(ids)
+            errors[f"{component}:{name}"] = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
+    return errors
+
+
+def test_each_quantized_layer_error_is_bounded_and_monotone(tiny_schnell, full_precision_models):
+    means = {}
+    for label in q.CHOICES:
+        errors = _layer_errors(tiny_schnell, q.parse(label), full_precision_models)
+        assert len(errors) == 60
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < LAYER_ERROR_BOUND[label], (label, worst, errors[worst])
+        means[label] = float(np.mean(list(errors.values())))
+    affine = [means[b] for b in ("3", "4", "5", "6", "8")]
+    assert affine == sorted(affine, reverse=True), means  # more bits, less error
+    for a, b in zip(affine, affine[1:], strict=False):
+        assert b < 0.7 * a, means  # each step is a real improvement (about 2x per bit)
+    assert means["mxfp8"] < means["nvfp4"] < means["mxfp4"], means
+
+
+def test_random_linears_error(tmp_path):
+    """Bigger random layers than the tiny models, including a 96-wide input (group 32)."""
+    for out_f, in_f in ((512, 1024), (256, 96)):
+        w = mx.random.normal((out_f, in_f), key=mx.random.key(3)) / math.sqrt(in_f)
+        x = mx.random.normal((32, in_f), key=mx.random.key(4))
+        linear = nn.Linear(in_f, out_f, bias=False)
+        linear.weight = w
+        for label in q.CHOICES:
+            spec = q.parse(label)
+            group = spec.group_for(in_f)
+            if group is None:
+                continue
+            ql = linear.to_quantized(group_size=group, bits=spec.bits, mode=spec.mode)
+            err = float(mx.linalg.norm(ql(x) - linear(x)) / mx.linalg.norm(linear(x)))
+            assert err < LAYER_ERROR_BOUND[label], (label, out_f, in_f, err)
+
+
+@pytest.fixture(scope="module")
+def float32_image(tiny_schnell):
+    return _image(tiny_schnell, None)
+
+
+def _image(root, quantize) -> np.ndarray:
+    flux = Flux1.from_alias("schnell", path=root, quantize=quantize, precision="float32")
+    config = Config(num_inference_steps=2, height=32, width=32)
+    image = flux.generate_image(5, "a photograph of a cat", config, progress=False)
+    return np.asarray(image.image).astype(np.float64)
+
+
+@pytest.mark.parametrize("label", q.CHOICES)
+def test_tiny_pipeline_image_stays_close(tiny_schnell, float32_image, label):
+    image = _image(tiny_schnell, label)
+    mad = float(np.abs(image - float32_image).mean())
+    print(f"\n{label}: mean |diff| vs float32 = {mad:.3f} / 255")
+    assert mad < IMAGE_MAD_BOUND[label], (label, mad)
+    if label == "8":
+        assert mad < 2.0
+
+
+# -- quantize while loading ------------------------------------------------------------------------------
+
+
+def test_quantize_loaded_equals_quantize_while_loading(tiny_schnell):
+    """Quantizing a loaded full-precision model (save.py with LoRAs) gives the codes of loading quantized."""
+    spec = q.QuantSpec(bits=5)
+    for component in QUANTIZED_COMPONENTS:
+        loaded = folder.load_component(tiny_schnell, component, mx.float32, spec)
+        model = folder.load_component(tiny_schnell, component, mx.float32)
+        q.quantize_loaded(model, q.layer_plan(model, component, spec))
+        assert q.describe(model) == q.describe(loaded)
+        a, b = dict(tree_flatten(model.parameters())), dict(tree_flatten(loaded.parameters()))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item(), (component, k)
+
+
+def _write_synthetic_transformer(root, params) -> dict[str, int]:
+    """A transformer-shaped BFL single file (our names load through the BFL table unchanged)."""
+    from flux_1.models.transformer import FluxTransformer
+
+    shapes = {k: v.shape for k, v in tree_flatten(FluxTransformer(params).parameters())}
+    block = mx.random.normal((1 << 16,), key=mx.random.key(0)) * 0.02  # cheap: tile one random block
+    tensors = {}
+    for i, (k, shape) in enumerate(shapes.items()):
+        n = math.prod(shape)
+        reps = -(-n // block.size)
+        tensors[k] = mx.roll(mx.tile(block, (reps,))[:n], i).reshape(shape)
+    mx.save_safetensors(str(root / "flux1-schnell.safetensors"), tensors)
+    return {k: v.nbytes for k, v in tensors.items()}
+
+
+def test_peak_memory_while_loading(tmp_path):
+    """Loading -q 4 never holds the full-precision model: peak < quantized + largest layer + slack;
+    a full-precision load peaks at the model itself (no second copy)."""
+    from flux_1.models.transformer import FluxParams
+
+    params = FluxParams(hidden_size=768, num_heads=6, mlp_hidden=3072, depth=1, depth_single=2,
+                        context_dim=1024, vec_dim=256)
+    sizes = _write_synthetic_transformer(tmp_path, params)
+    total, largest = sum(sizes.values()), max(sizes.values())
+    assert 120e6 < total < 200e6 and largest > 15e6  # float32: ~170 MB on disk, linear1 is 16.5 MB
+    slack = 2 * 2**20
+
+    def load(spec):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        model = folder.load_component(tmp_path, "transformer", mx.float32, spec)
+        return model, mx.get_peak_memory() - base
+
+    model, peak = load(q.QuantSpec(bits=4))
+    quantized = q.parameter_bytes(model)
+    print(f"\n-q 4: model {quantized / 1e6:.1f} MB, peak {peak / 1e6:.1f} MB, "
+          f"largest layer {largest / 1e6:.1f} MB, full precision {total / 1e6:.1f} MB")
+    assert quantized < total / 5
+    assert peak < quantized + largest + slack
+    del model
+
+    model, peak = load(None)
+    print(f"full precision: model {total / 1e6:.1f} MB, peak {peak / 1e6:.1f} MB")
+    assert q.parameter_bytes(model) == total
+    assert peak < total + largest + slack
+
+    # Quantizing the loaded model (save.py with LoRAs) frees each full-precision layer as it goes.
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory() - total
+    q.quantize_loaded(model, q.layer_plan(model, "transformer", q.QuantSpec(bits=4)))
+    mx.clear_cache()
+    assert mx.get_peak_memory() - base < total + largest + slack
+    assert mx.get_active_memory() - base < quantized + slack
+    del model
+    mx.clear_cache()
+
+
+# -- sizes -------------------------------------------------------------------------------------------------
+
+
+def test_size_table_matches_hand_computation():
+    before = mx.get_active_memory()
+    table = q.size_table(settings=("bf16", "4", "mxfp4"))
+    assert mx.get_active_memory() - before < 16 * 2**20  # shapes only: ~12B parameters never allocated
+
+    # One layer by hand: the first double block's image MLP up-projection, 3072 -> 12288, with bias.
+    out_f, in_f = 12288, 3072
+    bf16 = out_f * in_f * 2 + out_f * 2
+    affine4 = out_f * in_f * 4 // 8 + 2 * (out_f * in_f // 64) * 2 + out_f * 2  # codes, scales + biases, bias
+    mxfp4 = out_f * in_f * 4 // 8 + (out_f * in_f // 32) * 1 + out_f * 2  # codes, e8m0 scales, bias
+    for setting, expected in (("bf16", bf16), ("4", affine4), ("mxfp4", mxfp4)):
+        model = q._full_size_model("transformer")
+        model.set_dtype(mx.bfloat16)
+        spec = None if setting == "bf16" else q.parse(setting)
+        q.quantize_skeleton(model, q.layer_plan(model, "transformer", spec))
+        layer = dict(model.named_modules())["double_blocks.0.img_mlp.layers.0"]
+        assert q.parameter_bytes(layer) == expected, setting
+
+    # The whole table against parameter counts: bf16 is 2 bytes a parameter.
+    counts = {"transformer": 11_891_178_560, "t5": 4_762_310_656, "clip": 123_060_480, "vae": 83_819_683}
+    for component, n in counts.items():
+        assert table[component]["bf16"] == 2 * n, component
+    assert table["pipeline"]["bf16"] == 2 * sum(counts.values())
+    # mflux's published whole-pipeline figures (GB): same policy family, within 0.5%.
+    for setting in ("bf16", "4"):
+        assert table["pipeline"][setting] / 1e9 == pytest.approx(q.MFLUX_SIZES_GB[setting], rel=5e-3)
+    assert table["vae"]["4"] == table["vae"]["bf16"]  # never quantized
+    assert "| **whole pipeline** |" in q.format_size_table(table)
