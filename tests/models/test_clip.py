@@ -95,7 +95,7 @@ def test_bfloat16_stays_close_to_float32():
     ids = mx.array(_ids(TINY.vocab_size))
     full = _loaded(TINY, weights)(ids)
     half = _loaded(TINY, weights, mx.bfloat16)(ids)
-    for h, f in zip(half, full):
+    for h, f in zip(half, full, strict=True):
         assert h.dtype == mx.bfloat16
         assert rel_err(h.astype(mx.float32), f) <= 3e-2
 
