@@ -297,3 +297,19 @@ def test_size_table_matches_hand_computation():
         assert table["pipeline"][setting] / 1e9 == pytest.approx(q.MFLUX_SIZES_GB[setting], rel=5e-3)
     assert table["vae"]["4"] == table["vae"]["bf16"]  # never quantized
     assert "| **whole pipeline** |" in q.format_size_table(table)
+
+
+@pytest.mark.parametrize("mode,bits", [("affine", 4), ("affine", 8), ("mxfp4", 4), ("nvfp4", 4), ("mxfp8", 8)])
+def test_cpu_dequantize_path_equals_the_fused_kernel(mode, bits):
+    """Our QuantizedLinear (dequantize + float GEMM on the CPU backend) computes what MLX's fused
+    quantized_matmul computes, for every mode, with and without bias."""
+    from flux_1.quantization import QuantizedLinear, to_quantized
+
+    spec = q.QuantSpec.from_mode(mode) if mode != "affine" else q.QuantSpec(bits=bits)
+    linear = nn.Linear(256, 96, bias=True)
+    layer = to_quantized(linear, {"group_size": spec.group_size, "bits": bits, "mode": mode})
+    assert isinstance(layer, QuantizedLinear)
+    x = mx.random.normal((3, 7, 256), key=mx.random.key(1))
+    ours = layer(x)
+    fused = nn.QuantizedLinear.__call__(layer, x)
+    np.testing.assert_allclose(np.array(ours), np.array(fused), rtol=1e-4, atol=1e-4)

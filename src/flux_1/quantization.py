@@ -206,6 +206,28 @@ def _check_plan(model: nn.Module, plan: dict[str, dict]) -> None:
                          f"this model: {bad[:8]}{' ...' if len(bad) > 8 else ''}")
 
 
+class QuantizedLinear(nn.QuantizedLinear):
+    """MLX's quantized linear, plus a CPU path: on the CPU backend `mx.quantized_matmul` has no fast
+    kernel, so the layer's weight is dequantized (one layer at a time, freed after use) and multiplied
+    with the float GEMM: 53x faster at FLUX shapes with OpenBLAS (1024x3072 @ 3072x3072, 4-bit: 0.20 s vs
+    10.3 s), never slower without it. GPUs keep the fused quantized kernel."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                          bits=self.bits, mode=self.mode)
+        y = x @ w.astype(x.dtype).T
+        return y + self["bias"] if "bias" in self else y
+
+
+def to_quantized(module: nn.Module, how: dict) -> nn.Module:
+    """The quantized version of one planned layer (ours for linears, MLX's for embeddings)."""
+    if isinstance(module, nn.Linear):
+        return QuantizedLinear.from_linear(module, **how)
+    return module.to_quantized(**how)
+
+
 def quantize_skeleton(model: nn.Module, plan: dict[str, dict]) -> None:
     """Swap the planned layers for quantized ones before any weight is loaded.
 
@@ -214,8 +236,9 @@ def quantize_skeleton(model: nn.Module, plan: dict[str, dict]) -> None:
     if not plan:
         return
     _check_plan(model, plan)
-    nn.quantize(model, class_predicate=lambda name, m: dict(plan[name]) if name in plan and not isinstance(
-        m, QUANTIZED) else False)
+    swaps = [(name, to_quantized(m, plan[name])) for name, m in model.named_modules()
+             if name in plan and not isinstance(m, QUANTIZED)]
+    model.update_modules(tree_unflatten(swaps))
 
 
 def quantize_on_load(module_name: str, weight: mx.array, module: nn.Module, dtype: mx.Dtype) -> dict:
@@ -240,7 +263,7 @@ def quantize_loaded(model: nn.Module, plan: dict[str, dict]) -> None:
         module = modules.pop(name)  # no reference to the full-precision layer outlives its turn
         if isinstance(module, QUANTIZED):
             continue
-        quantized = module.to_quantized(**how)
+        quantized = to_quantized(module, how)
         mx.eval(quantized.parameters())
         model.update_modules(tree_unflatten([(name, quantized)]))
         del module, quantized
