@@ -131,3 +131,25 @@ def test_full_size_layout_matches_diffusers():
     count = sum(int(np.prod(s)) for s in ours.values())
     assert count == sum(p.numel() for p in vae.parameters())
     assert 83.7e6 < count < 83.9e6
+
+
+def test_conv3x3_strips_are_exact_and_bound_memory(monkeypatch):
+    """Row strips with a one-row halo give the plain conv's output, bit for bit, with a smaller peak."""
+    from flux_1.models import vae
+
+    conv = vae.Conv3x3(64, 32)
+    x = mx.random.normal((1, 96, 80, 64), key=mx.random.key(3))
+    mx.eval(conv.parameters(), x)
+    plain = mx.conv2d(x, conv.weight, padding=1) + conv.bias
+    mx.eval(plain)
+    mx.reset_peak_memory()
+    whole = conv(x)  # under STRIP_BYTES: one piece
+    mx.eval(whole)
+    peak_whole = mx.get_peak_memory()
+    monkeypatch.setattr(vae, "STRIP_BYTES", 9 * 80 * 64 * 4 * 7)  # 7-row strips: 14 of them, a ragged last one
+    mx.reset_peak_memory()
+    strips = conv(x)
+    mx.eval(strips)
+    assert mx.array_equal(whole, plain)
+    assert mx.array_equal(strips, plain)
+    assert mx.get_peak_memory() < peak_whole

@@ -7,7 +7,8 @@ Memory at 1024x1024 (float32; halve for bf16): the latent is 128x128, so the mid
 16384 tokens of width 512. The big tensors are in the decoder's last two up blocks: the upsampler of
 up_blocks.2 outputs (1, 1024, 1024, 256) = 1 GiB, and every resnet of up_blocks.3 holds its input (the
 residual) next to its (1, 1024, 1024, 128) = 512 MiB working tensor. The encoder mirrors this at its input.
-Nothing below keeps a reference to an intermediate longer than the block that made it.
+Nothing below keeps a reference to an intermediate longer than the block that made it. 3x3 convs run in
+row strips when large (`Conv3x3`): MLX's CPU backend lowers a conv to an im2col buffer 9x its input.
 """
 
 import math
@@ -48,6 +49,37 @@ class VAEParams:
         )
 
 
+# Bytes of im2col buffer one strip of a 3x3 conv may need (9 x the strip's input).
+STRIP_BYTES = 256 * 2**20
+
+
+class Conv3x3(nn.Conv2d):
+    """3x3 conv, stride 1, padding 1, computed in horizontal strips when its input is large.
+
+    The CPU backend lowers a conv to an explicit im2col buffer of 9x the input: 9.6 GB for the
+    decoder's (1, 1024, 1024, 256) float32 tensor. A 3x3 conv only looks one row up and down, so strips
+    with a one-row halo give exactly the same output while the buffer stays one strip's worth.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        rows = max(1, STRIP_BYTES // (9 * B * W * C * x.dtype.size))
+        if rows >= H:
+            return super().__call__(x)
+        strips = []
+        for top in range(0, H, rows):
+            bottom = min(top + rows, H)
+            strip = x[:, max(top - 1, 0) : min(bottom + 1, H)]  # with the halo rows that exist
+            pad_rows = (int(top == 0), int(bottom == H))  # zero padding only at the image border
+            strip = mx.pad(strip, [(0, 0), pad_rows, (1, 1), (0, 0)])
+            strips.append(mx.conv2d(strip, self.weight))
+            mx.eval(strips[-1])  # one strip's im2col buffer at a time (a lazy graph would overlap them)
+        return mx.concatenate(strips, axis=1) + self.bias
+
+
 def _norm(channels: int, p: VAEParams) -> nn.GroupNorm:
     # pytorch_compatible: statistics per (group, all pixels), as torch.nn.GroupNorm computes them.
     return nn.GroupNorm(p.norm_groups, channels, eps=p.norm_eps, pytorch_compatible=True)
@@ -57,9 +89,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, p: VAEParams):
         super().__init__()
         self.norm1 = _norm(in_channels, p)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv3x3(in_channels, out_channels)
         self.norm2 = _norm(out_channels, p)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv3x3(out_channels, out_channels)
         if in_channels != out_channels:
             # A 1x1 Conv2d, not a Linear, so the weight keeps diffusers' 4-D shape (O, 1, 1, I).
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
@@ -106,7 +138,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels)
 
     def __call__(self, x: mx.array) -> mx.array:
         # Nearest 2x: (B, H, 1, W, 1, C) broadcast to (B, H, 2, W, 2, C); the reshape makes the one copy.
@@ -161,14 +193,14 @@ class Encoder(nn.Module):
     def __init__(self, p: VAEParams):
         super().__init__()
         ch = p.block_out_channels
-        self.conv_in = nn.Conv2d(p.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv3x3(p.in_channels, ch[0])
         self.down_blocks = [
             DownBlock(ch[max(i - 1, 0)], ch[i], p.layers_per_block, i < len(ch) - 1, p)
             for i in range(len(ch))
         ]
         self.mid_block = MidBlock(ch[-1], p)
         self.conv_norm_out = _norm(ch[-1], p)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * p.latent_channels, 3, padding=1)
+        self.conv_out = Conv3x3(ch[-1], 2 * p.latent_channels)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -184,14 +216,14 @@ class Decoder(nn.Module):
     def __init__(self, p: VAEParams):
         super().__init__()
         ch = tuple(reversed(p.block_out_channels))  # widest first
-        self.conv_in = nn.Conv2d(p.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv3x3(p.latent_channels, ch[0])
         self.mid_block = MidBlock(ch[0], p)
         self.up_blocks = [
             UpBlock(ch[max(i - 1, 0)], ch[i], p.layers_per_block + 1, i < len(ch) - 1, p)
             for i in range(len(ch))
         ]
         self.conv_norm_out = _norm(ch[-1], p)
-        self.conv_out = nn.Conv2d(ch[-1], p.out_channels, 3, padding=1)
+        self.conv_out = Conv3x3(ch[-1], p.out_channels)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
