@@ -24,6 +24,15 @@ def test_low_memory_releases_text_encoders_and_reloads_for_a_new_prompt(staged):
     assert staged.t5 is None  # reloaded to encode, then freed again
 
 
+def test_low_memory_never_holds_text_encoders_and_transformer_together(tiny_schnell):
+    flux = Flux1.from_alias("schnell", path=tiny_schnell, precision="float32", low_memory=True)
+    assert flux._transformer is None and flux.t5 is not None
+    flux.encode_prompt("a red fox")
+    assert flux._transformer is None and flux.t5 is None and flux.clip is None
+    flux.generate_image(seed=1, prompt="a red fox", config=Config(**SMALL), progress=False)
+    assert flux._transformer is not None and flux.t5 is None
+
+
 def test_seed_alone_gives_reproducible_and_distinct_images(staged):
     a, b, c = (np.asarray(staged.generate_image(seed=s, prompt="a red fox", config=Config(**SMALL),
                                                 progress=False).image) for s in (7, 7, 8))

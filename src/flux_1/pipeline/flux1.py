@@ -92,8 +92,9 @@ class Flux1:
     """FLUX.1 schnell or dev: text encoders, transformer and VAE, loaded from one folder.
 
     Components are built from the weights' own shapes. With `low_memory`, the text encoders are
-    released after each prompt is encoded (and reloaded for a new prompt), so peak memory is the
-    largest stage rather than the sum of all models.
+    released after each prompt is encoded (and reloaded for a new prompt) and the transformer is
+    loaded only after the first prompt is encoded, so peak memory is the largest stage (text encoding,
+    or denoising) rather than the sum of all models.
     """
 
     def __init__(self, root: Path, spec: ModelSpec, precision: str | None = None,
@@ -110,18 +111,33 @@ class Flux1:
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         self.quant_spec = _quant_spec(quantize)
-        self.transformer = self._load("transformer")
+        self._prompt_cache: dict[str, tuple[mx.array, mx.array]] = {}
+        self.loras = None
+        self._transformer = None
         self.vae = self._load("vae")
         self.t5 = self.clip = None
         self._load_text_encoders()
+        if not low_memory or lora_paths:  # LoRAs are checked against the transformer at once
+            self._load_transformer()
         self.timings["load"] = time.perf_counter() - t0
-        self._prompt_cache: dict[str, tuple[mx.array, mx.array]] = {}
-        self.loras = None
         if lora_paths:
             self.set_loras(lora_paths, lora_scales)
-        if self.spec.alias == "schnell" and self.is_guidance_distilled:
+
+    @property
+    def transformer(self):
+        """The FLUX transformer; with `low_memory` it is first loaded after the first prompt is encoded,
+        so the text encoders and the transformer are never resident together."""
+        if self._transformer is None:
+            self._load_transformer()
+        return self._transformer
+
+    def _load_transformer(self):
+        t0 = time.perf_counter()
+        self._transformer = self._load("transformer")
+        self.timings["load_transformer"] = time.perf_counter() - t0
+        if self.spec.alias == "schnell" and self._transformer.params.guidance_embed:
             warnings.warn(f"{self.root} holds a guidance-distilled (dev) transformer; loaded as 'schnell'",
-                          stacklevel=2)
+                          stacklevel=3)
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -255,6 +271,9 @@ class Flux1:
             if tuple(x.shape) != want:
                 raise ValueError(f"latents have shape {tuple(x.shape)}, expected {want} for {w}x{h}")
             x = x.astype(self.dtype)
+        if self._transformer is None:  # low_memory: first loaded now, after the text encoders are freed
+            self._load_transformer()
+            timings["load_transformer"] = self.timings["load_transformer"]
         img_ids, txt_ids = sampler.image_ids(h, w), sampler.text_ids(txt.shape[1])
         pe = self.transformer.position_embedding(img_ids, txt_ids)
         sigmas = sampler.schedule(steps, rows * cols, shift=self.is_guidance_distilled)
