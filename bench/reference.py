@@ -1,0 +1,229 @@
+"""The same workload through diffusers / transformers (torch), in its own process.
+
+`python -m bench.reference SPEC.json OUT.json`, started by bench/run.py. It loads the very folder our
+side loaded (from_pretrained: diffusers FluxTransformer2DModel and AutoencoderKL, transformers
+T5EncoderModel and CLIPTextModel), feeds the same token ids, noise and sigmas, and times the same
+stages: load, text encoding, transformer steps (eager, SDPA attention, as FluxPipeline runs them),
+VAE decode. torch's thread count is set to the spec's (the machine's cores unless told).
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated (reset per stage); on CPU the process RSS
+high-water mark (reset per stage through /proc/self/clear_refs).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import bench  # noqa: F401  (sys.path for flux_1 when the repo is not installed)
+
+from .common import GB, Clock, median, rss_peak_gb, rss_reset
+
+TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    out = run(spec)
+    Path(argv[1]).write_text(json.dumps(out, indent=2))
+
+
+def run(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    root = Path(spec["root"])
+    inputs = dict(np.load(spec["inputs"]))
+    env = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "sdpa_backend": "torch.nn.functional.scaled_dot_product_attention (diffusers default processor)",
+    }
+    try:
+        import diffusers
+        import transformers
+
+        env.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+    except ImportError as e:  # pragma: no cover
+        return {"env": env, "rows": [], "error": f"not importable: {e}"}
+    rows = []
+    for precision in spec["precisions"]:
+        dtype = getattr(torch, TORCH_DTYPES[precision])
+        for rank in spec["ranks"]:
+            row = _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages=rank == spec["ranks"][0])
+            if row is not None:
+                rows.append(row)
+    return {"env": env, "rows": rows}
+
+
+class Stage:
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        rss_reset()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.s = time.perf_counter() - self.t0
+        self.rss = rss_peak_gb()
+        self.peak = torch.cuda.max_memory_allocated() / GB if self.device.type == "cuda" else self.rss
+        return False
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) -> dict | None:
+    import diffusers
+    import torch
+    import transformers
+
+    steps, warmup = spec["steps"], spec["warmup"]
+    row = {"impl": "diffusers", "precision": precision, "quantize": None, "lora_rank": rank,
+           "load_s": {}, "peak_gb": {}, "rss_peak_gb": {}}
+    with torch.inference_mode():
+        # Text encoders (once per precision).
+        if with_other_stages:
+            with Stage(device) as s_clip:
+                clip = transformers.CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device)
+            with Stage(device) as s_t5:
+                t5 = transformers.T5EncoderModel.from_pretrained(root / "text_encoder_2", torch_dtype=dtype).to(device)
+            row["load_s"].update(clip=s_clip.s, t5=s_t5.s)
+            row["peak_gb"]["load_text"] = max(s_clip.peak, s_t5.peak)
+            clip_ids = torch.from_numpy(inputs["clip_ids"].astype(np.int64)).to(device)
+            t5_ids = torch.from_numpy(inputs["t5_ids"].astype(np.int64)).to(device)
+
+            def encode():
+                pooled = clip(clip_ids, output_hidden_states=False).pooler_output
+                txt = t5(t5_ids).last_hidden_state
+                _sync(device)
+                return txt, pooled
+
+            with Stage(device) as s_text:
+                encode()
+                times = []
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    txt, pooled = encode()
+                    times.append(time.perf_counter() - t0)
+            row.update(text_s=median(times), text_times_s=times)
+            row["peak_gb"]["text"] = s_text.peak
+            del clip, t5
+        else:
+            # Same shapes as the encoders' outputs; values do not change a step's cost.
+            txt = torch.randn(1, inputs["t5_ids"].shape[1], spec["context_dim"], dtype=dtype, device=device)
+            pooled = torch.randn(1, spec["vec_dim"], dtype=dtype, device=device)
+        gc.collect()
+
+        # Transformer.
+        with Stage(device) as s_load:
+            tr = diffusers.FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
+        row["load_s"]["transformer"] = s_load.s
+        row["peak_gb"]["load_transformer"] = s_load.peak
+        if rank:
+            try:
+                from peft import LoraConfig
+
+                names = sorted({n for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)})
+                t0 = time.perf_counter()
+                tr.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights="gaussian"))
+                row.update(lora_impl="diffusers add_adapter (peft, unfused)", lora_layers=len(names),
+                           lora_apply_s=time.perf_counter() - t0)
+            except ImportError:
+                tr = None  # noqa: F841
+                return None  # no peft: no LoRA row on this side
+        sigmas = [float(s) for s in inputs["sigmas"]]
+        x0 = torch.from_numpy(inputs["noise"]).to(device=device, dtype=dtype)
+        rows_, cols = spec["latent_grid"]
+        img_ids = torch.zeros(rows_, cols, 3)
+        img_ids[..., 1] = torch.arange(rows_)[:, None]
+        img_ids[..., 2] = torch.arange(cols)[None, :]
+        img_ids = img_ids.reshape(-1, 3).to(device=device, dtype=dtype)
+        txt_ids = torch.zeros(txt.shape[1], 3, device=device, dtype=dtype)
+        guidance = torch.full([1], 3.5, device=device, dtype=torch.float32) if spec["guidance"] else None
+        txt = txt.to(dtype)
+        pooled = pooled.to(dtype)
+
+        def step(x, i):
+            t = torch.full([1], sigmas[i], device=device, dtype=dtype)
+            v = tr(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                   img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+            x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(dtype)
+            _sync(device)
+            return x
+
+        times, cpu, others = [], [], []
+        with Stage(device) as s_step:
+            x = x0
+            for i in range(warmup + steps):
+                with Clock() as c:
+                    x = step(x, i)
+                times.append(c.s)
+                cpu.append(c.cpu)
+                others.append(c.others)
+        row.update(step_s=median(times[warmup:]), step_times_s=times[warmup:], step_cpu_s=cpu[warmup:],
+                   step_others_cpu_s=others[warmup:], warmup_times_s=times[:warmup], step_method="measured")
+        row["peak_gb"]["step"] = s_step.peak
+        tr = None  # noqa: F841
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+        # VAE.
+        if with_other_stages and spec.get("decode", True):
+            with Stage(device) as s_vload:
+                vae = diffusers.AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device)
+            row["load_s"]["vae"] = s_vload.s
+            row["peak_gb"]["load_vae"] = s_vload.peak
+            h, w = spec["height"], spec["width"]
+            z = x.reshape(1, h // 16, w // 16, -1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, -1, h // 8, w // 8)
+            z = z / vae.config.scaling_factor + vae.config.shift_factor
+
+            def decode():
+                image = vae.decode(z, return_dict=False)[0]
+                image = (image / 2 + 0.5).clamp(0, 1).float().cpu().numpy()
+                return image
+
+            times = []
+            with Stage(device) as s_dec:
+                for _ in range(1 + spec.get("decode_warmup", spec["warmup"])):
+                    t0 = time.perf_counter()
+                    decode()
+                    times.append(time.perf_counter() - t0)
+            row.update(decode_s=times[-1], decode_first_s=times[0])
+            row["peak_gb"]["decode"] = s_dec.peak
+            del vae
+            row["load_s"]["total"] = sum(row["load_s"].values())
+        elif with_other_stages:
+            row["load_s"]["total"] = None
+    row["rss_peak_gb"] = None if device.type == "cuda" else dict(row["peak_gb"])
+    return row
+
+
+if __name__ == "__main__":
+    main()

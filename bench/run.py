@@ -1,0 +1,258 @@
+"""`python -m bench` / `python bench/run.py`: speed and memory of flux_1, side by side with diffusers.
+
+    python -m bench --config tiny                       # seconds; the CI smoke test runs this
+    python -m bench --config mid --quantize none 8 4 --lora-rank 0 16 --steps 2
+    python -m bench --config full --precision bfloat16 --quantize none 8 4 --lora-rank 0 16   # a GPU
+
+For the named configuration (bench/configs.py) random weights are written to a diffusers-layout
+safetensors folder (reused across runs with --weights-dir), then, per precision x quantization x LoRA
+rank: load time (the real loader), text encoding, per-step time (median after warm-up), VAE decode,
+peak memory per stage. diffusers runs the same folder and inputs in a subprocess (--reference).
+A JSON result (--output-json) and a markdown table (--markdown, and stdout) come out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench  # noqa: E402,F401  (sys.path for flux_1 in a plain checkout)
+from bench import configs, report, weights  # noqa: E402
+from bench.common import cpu_name, loadavg, make_inputs, openblas_preloaded  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", choices=sorted(configs.CONFIGS))
+    p.add_argument("--precision", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU (bf16 matmul is slow there), bfloat16 on a GPU")
+    p.add_argument("--quantize", nargs="+", default=["none"],
+                   help="quantization settings: none, bits (8 4 ...) or a mode (mxfp4 mxfp8 nvfp4)")
+    p.add_argument("--lora-rank", nargs="+", type=int, default=[0],
+                   help="runtime LoRA ranks on every transformer linear; 0 = no LoRA")
+    p.add_argument("--steps", type=int, default=2, help="timed denoising steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (and decodes) first")
+    p.add_argument("--no-decode", action="store_true", help="skip the VAE stage (load and decode)")
+    p.add_argument("--decode-warmup", type=int, default=None,
+                   help="untimed VAE decodes before the timed one (default: --warmup)")
+    p.add_argument("--output-json", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--weights-dir", type=Path, default=None,
+                   help="where to write (or reuse) the random weights; default: a temp folder, deleted after")
+    p.add_argument("--weights-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the safetensors files (the Hub ships bfloat16)")
+    p.add_argument("--reference", default="auto", choices=["auto", "on", "off", "only"],
+                   help="diffusers side: auto = when torch and diffusers import; only = skip ours")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--max-stage-seconds", type=float, default=None,
+                   help="project (not run) a quantized stage predicted to take longer than this; "
+                        "default: the config's (mid: 150 s, others: never)")
+    p.add_argument("--sample-rows", type=int, default=32,
+                   help="rows on which a projected quantized linear is timed (scaled to the real rows)")
+    p.add_argument("--profile", action="store_true", help="also time each transformer block separately")
+    p.add_argument("--write-weights-only", action="store_true",
+                   help="write the random weights to --weights-dir and stop (a separate first command)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def environment() -> dict:
+    import mlx.core as mx
+
+    env = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mlx": mx.__version__,
+        "mlx_device": str(mx.default_device()),
+        "device": mx.device_info().get("device_name", "?") if hasattr(mx, "device_info") else "?",
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "openblas_preloaded": openblas_preloaded(),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+    }
+    try:
+        import numpy
+
+        env["numpy"] = numpy.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return env
+
+
+def reference_available() -> str | None:
+    """None when torch + diffusers + transformers import, else why not."""
+    try:
+        import importlib.util
+
+        for name in ("torch", "diffusers", "transformers"):
+            if importlib.util.find_spec(name) is None:
+                return f"{name} is not installed"
+    except Exception as e:  # pragma: no cover
+        return str(e)
+    return None
+
+
+def run_reference(args, cfg, root: Path, inputs_path: Path, precisions: list[str], log) -> dict:
+    spec = {
+        "root": str(root), "inputs": str(inputs_path), "precisions": precisions,
+        "ranks": sorted(set(args.lora_rank)), "steps": args.steps, "warmup": args.warmup,
+        "decode_warmup": args.warmup if args.decode_warmup is None else args.decode_warmup,
+        "decode": not args.no_decode,
+        "threads": args.threads, "height": cfg.height, "width": cfg.width,
+        "latent_grid": [cfg.height // 16, cfg.width // 16], "guidance": cfg.transformer.guidance_embed,
+        "context_dim": cfg.transformer.context_dim, "vec_dim": cfg.transformer.vec_dim,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        log(f"[diffusers] running in a subprocess ({args.threads} torch threads)")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "bench.reference", str(spec_path), str(out_path)],
+                              cwd=str(REPO), capture_output=True, text=True)
+        if proc.returncode != 0 or not out_path.exists():
+            tail = (proc.stderr or proc.stdout)[-3000:]
+            log(f"[diffusers] failed (exit {proc.returncode}):\n{tail}")
+            return {"rows": [], "error": f"exit {proc.returncode}: {tail[-500:]}"}
+        out = json.loads(out_path.read_text())
+        out["wall_s"] = time.perf_counter() - t0
+        return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, file=sys.stderr, flush=True))
+    cfg = configs.get(args.config)
+    import mlx.core as mx
+
+    gpu = mx.default_device() != mx.cpu
+    precisions = args.precision or (["bfloat16"] if gpu else ["float32"])
+    max_stage_s = args.max_stage_seconds if args.max_stage_seconds is not None else cfg.max_stage_seconds
+    if max_stage_s is not None and max_stage_s <= 0:
+        max_stage_s = 0.0
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    result = {
+        "schema": 1,
+        "command": command,
+        "config": cfg.describe(),
+        "settings": {"precisions": precisions, "quantize": args.quantize, "lora_ranks": sorted(set(args.lora_rank)),
+                     "steps": args.steps, "warmup": args.warmup, "max_stage_seconds": max_stage_s,
+                     "sample_rows": args.sample_rows, "weights_dtype": args.weights_dtype,
+                     "decode_warmup": args.warmup if args.decode_warmup is None else args.decode_warmup},
+        "env": environment(),
+        "rows": [],
+        "breakdowns": [],
+    }
+    result["env"]["loadavg_start"] = loadavg()
+    from bench import profile
+
+    result["analytic"] = {
+        "this_config": profile.step_flops(cfg.transformer, cfg.img_tokens, cfg.txt_tokens),
+        "full_1024": full_model_flops(),
+    }
+
+    tmp = None
+    root = args.weights_dir
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix=f"flux-bench-{cfg.name}-")
+        root = Path(tmp.name)
+    t0 = time.perf_counter()
+    written = weights.write_folder(cfg, root, args.weights_dtype, args.seed, log=log)
+    result["weights"] = {"dir": str(root), "bytes": written["bytes"], "reused": written["reused"],
+                         "write_s": time.perf_counter() - t0}
+    if args.write_weights_only:
+        if args.weights_dir is None:
+            raise SystemExit("--write-weights-only needs --weights-dir")
+        log(f"weights in {root}: {written['bytes']} bytes, {result['weights']['write_s']:.0f} s")
+        return result
+    inputs = make_inputs(cfg, args.warmup + args.steps, args.seed)
+    inputs_path = root / "bench-inputs.npz"
+    import numpy as np
+
+    np.savez(inputs_path, **inputs)
+
+    try:
+        if args.reference != "only":
+            from bench import ours
+
+            rows, bds = ours.run(cfg, root, inputs, precisions, args.quantize, sorted(set(args.lora_rank)),
+                                 args.steps, args.warmup, max_stage_s, args.sample_rows, args.profile, log,
+                                 decode_warmup=args.decode_warmup, decode=not args.no_decode)
+            result["rows"] += rows
+            result["breakdowns"] += bds
+        why_not = reference_available()
+        if args.reference in ("on", "only") or (args.reference == "auto" and why_not is None):
+            if why_not is not None:
+                raise SystemExit(f"--reference {args.reference}: {why_not}")
+            ref = run_reference(args, cfg, root, inputs_path, precisions, log)
+            result["reference_env"] = ref.get("env", {})
+            if ref.get("error"):
+                result["reference_error"] = ref["error"]
+            result["rows"] += ref.get("rows", [])
+        else:
+            result["reference_skipped"] = why_not or "--reference off"
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    result["env"]["loadavg_end"] = loadavg()
+    report.add_ratios(result)
+    md = report.markdown(result)
+    if args.output_json:
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(result, indent=2, default=_jsonable))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(md)
+    if not args.quiet:
+        print(md)
+    return result
+
+
+def full_model_flops() -> dict:
+    """FLOPs of one FLUX.1 step at 1024x1024 with 512 T5 tokens, counted two ways: the closed form,
+    and from the linear/attention calls the code really makes (a lazily built full model: nothing runs)."""
+    import mlx.core as mx
+
+    from bench import profile
+    from flux_1.models.transformer import FluxTransformer
+    from flux_1.pipeline import sampler
+
+    cfg = configs.get("full")
+    closed = profile.step_flops(cfg.transformer, cfg.img_tokens, cfg.txt_tokens)
+    model = FluxTransformer(cfg.transformer)  # random init is lazy: never evaluated
+    x = mx.zeros((1, cfg.img_tokens, cfg.transformer.in_channels))
+    txt = mx.zeros((1, cfg.txt_tokens, cfg.transformer.context_dim))
+    pooled = mx.zeros((1, cfg.transformer.vec_dim))
+    calls, _ = profile.record_calls(lambda: model(
+        x, txt, pooled, mx.array([1.0]), sampler.image_ids(cfg.height, cfg.width), sampler.text_ids(cfg.txt_tokens),
+        guidance=mx.array([3.5])))
+    recorded = {"linear": calls.linear_flops(), "attention": calls.attention_flops()}
+    recorded["total"] = recorded["linear"] + recorded["attention"]
+    return {"closed_form": closed, "recorded": recorded, "linear_calls": len(calls.linears),
+            "attention_calls": len(calls.attention), "img_tokens": cfg.img_tokens, "txt_tokens": cfg.txt_tokens}
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+if __name__ == "__main__":
+    main()

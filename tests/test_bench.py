@@ -1,0 +1,123 @@
+"""Smoke test of the benchmark (bench/): the `tiny` configuration end to end, no timing assertions."""
+
+import json
+
+import pytest
+
+from bench import configs, report, weights
+from bench.run import main
+
+STAGE_KEYS = {"load_text", "text", "load_transformer", "step", "load_vae", "decode"}
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["--config", "tiny", "--quantize", "none", "4", "--lora-rank", "0", "4", "--steps", "1",
+            "--warmup", "1", "--reference", "off", "--output-json", str(out / "tiny.json"),
+            "--markdown", str(out / "tiny.md"), "--quiet"]
+    result = main(args)
+    return result, out
+
+
+def test_report_fields(tiny_result):
+    result, out = tiny_result
+    on_disk = json.loads((out / "tiny.json").read_text())
+    assert on_disk["config"]["name"] == "tiny"
+    for key in ("command", "env", "settings", "rows", "analytic", "weights"):
+        assert key in on_disk
+    assert {"mlx", "openblas_preloaded", "device", "cores"} <= set(on_disk["env"])
+    rows = on_disk["rows"]
+    assert {(r["quantize"], r["lora_rank"]) for r in rows} == {(None, 0), (None, 4), ("q4", 0), ("q4", 4)}
+    for r in rows:
+        assert r["impl"] == "ours" and r["precision"] == "float32"
+        assert r["step_method"] == "measured" and len(r["step_times_s"]) == 1
+        for k in ("step_s", "text_s", "decode_s"):
+            assert r[k] > 0
+        assert set(r["load_s"]) == {"transformer", "t5", "clip", "vae", "total"}
+        assert STAGE_KEYS <= set(r["peak_gb"])
+        assert r["peak_gb"]["step"] > 0
+        assert set(r["weights_gb"]) == {"transformer", "t5", "clip", "vae"}
+        assert r["flops_per_step"] > 0
+    lora_rows = [r for r in rows if r["lora_rank"]]
+    assert all(r["lora_layers"] > 0 and "lora_impl" in r for r in lora_rows)
+    assert all("step_vs_no_lora" in r["ratios"] for r in lora_rows)
+    assert all("step_vs_unquantized" in r["ratios"] for r in rows if r["quantize"])
+    # q4 weights are smaller than float32 ones
+    by = {(r["quantize"], r["lora_rank"]): r for r in rows}
+    assert by[("q4", 0)]["weights_gb"]["transformer"] < by[(None, 0)]["weights_gb"]["transformer"]
+    assert on_disk["breakdowns"] and on_disk["breakdowns"][0]["linear_s"] > 0
+    paired = [b["lora_paired"] for b in on_disk["breakdowns"] if b.get("lora_paired")]
+    assert paired and paired[0]["layers"] == lora_rows[0]["lora_layers"]
+    md = (out / "tiny.md").read_text()
+    assert "| ours | fp32 |" in md and "LoRA r4" in md
+
+
+def test_full_model_flops_match_the_anchor(tiny_result):
+    """Counted from the code's own calls on a lazily built full model: ~74.4 TFLOP per 1024x1024 step."""
+    full = tiny_result[0]["analytic"]["full_1024"]
+    assert full["recorded"]["total"] == pytest.approx(74.4e12, rel=0.01)
+    assert full["recorded"]["total"] == pytest.approx(full["closed_form"]["total"], rel=1e-6)
+    assert full["linear_calls"] > 0 and full["attention_calls"] == 57
+
+
+def test_projection_path(tmp_path):
+    """A stage predicted over --max-stage-seconds is projected (0 s forces it), not run."""
+    result = main(["--config", "tiny", "--quantize", "none", "8", "--steps", "1", "--warmup", "0",
+                   "--reference", "off", "--max-stage-seconds", "0", "--quiet"])
+    q8 = next(r for r in result["rows"] if r["quantize"] == "q8")
+    assert q8["step_method"] == "projected" and q8["text_method"] == "projected"
+    assert q8["step_s"] > 0 and q8["ratios"]["step_vs_unquantized"] > 0
+    assert any(b["kind"] == "quantized projection" for b in result["breakdowns"])
+
+
+def test_random_weights_round_trip_through_the_loader(tmp_path, monkeypatch):
+    """The diffusers-layout names the bench writes (sharded, with an index) load strictly into our models."""
+    import mlx.core as mx
+
+    from flux_1.loading import folder as loader
+
+    monkeypatch.setattr(weights, "SHARD_BYTES", 200_000)
+    cfg = configs.get("tiny")
+    weights.write_folder(cfg, tmp_path, log=lambda *a: None)
+    index = json.loads((tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert loader.load_component(tmp_path, "transformer", mx.float32).params == cfg.transformer
+    assert loader.load_component(tmp_path, "vae", mx.float32).params == cfg.vae
+    assert weights.write_folder(cfg, tmp_path, log=lambda *a: None)["reused"]
+
+
+def test_ratios_against_a_reference_row():
+    rows = [
+        {"impl": "ours", "precision": "float32", "quantize": None, "lora_rank": 0, "step_s": 1.0,
+         "text_s": 2.0, "decode_s": 3.0, "load_s": {"transformer": 1.0, "total": 2.0}},
+        {"impl": "ours", "precision": "float32", "quantize": "q4", "lora_rank": 0, "step_s": 1.5},
+        {"impl": "diffusers", "precision": "float32", "quantize": None, "lora_rank": 0, "step_s": 2.0,
+         "text_s": 4.0, "decode_s": 3.0, "load_s": {"transformer": 4.0, "total": 8.0}},
+    ]
+    result = {"rows": rows}
+    report.add_ratios(result)
+    assert rows[0]["ratios"]["step_vs_diffusers"] == 0.5
+    assert rows[0]["ratios"]["text_vs_diffusers"] == 0.5
+    assert rows[0]["ratios"]["load_total_vs_diffusers"] == 0.25
+    assert rows[1]["ratios"]["step_vs_unquantized"] == 1.5
+
+
+def test_merge_keeps_first_row_and_borrows_the_vae_stage():
+    def run(rows, command):
+        return {"command": command, "env": {"loadavg_start": None, "loadavg_end": None}, "rows": rows,
+                "breakdowns": [{"precision": "float32", "quantize": None, "lora_rank": 0, "kind": "measured step",
+                                "step_s": rows[0]["step_s"]}]}
+
+    def row(step, decode=None):
+        return {"impl": "ours", "precision": "float32", "quantize": None, "lora_rank": 0, "step_s": step,
+                "decode_s": decode, "load_s": {"transformer": 1.0}, "peak_gb": {"step": 1.0},
+                "weights_gb": {"transformer": 1.0}}
+
+    a = run([row(2.0)], "a")  # --no-decode run
+    b = run([row(3.0, decode=5.0)], "b")
+    merged = report.merge([a, b])
+    assert [r["step_s"] for r in merged["rows"]] == [2.0]
+    assert merged["rows"][0]["decode_s"] == 5.0 and merged["rows"][0]["decode_from_other_run"]
+    assert [bd["step_s"] for bd in merged["breakdowns"]] == [2.0]
+    assert merged["commands"] == ["a", "b"]
