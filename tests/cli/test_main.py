@@ -15,6 +15,7 @@ from flux_1.cli.main import main
 from flux_1.loading.hub import HubError
 from flux_1.pipeline import flux1
 from flux_1.pipeline.metadata import read_png_metadata
+from tests.cli.common import pixels, run_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,31 +40,7 @@ def with_args(ckpt, **changes) -> list[str]:
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-@pytest.fixture
-def count_loads(monkeypatch):
-    loads = []
-    original = flux1.Flux1.__init__
-
-    def counting(self, *args, **kwargs):
-        loads.append(1)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(flux1.Flux1, "__init__", counting)
-    return loads
+    return run_main(main, argv, capsys)
 
 
 # -- what gets written --------------------------------------------------------------------------------
