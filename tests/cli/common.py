@@ -18,3 +18,14 @@ def run_main(main, argv, capsys) -> tuple[int, str, str]:
 def pixels(path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def assert_refused(result: tuple[int, str, str], expected: list[str], tmp_path) -> None:
+    """A clean refusal: non-zero exit, every expected text in stderr, no traceback, no image written."""
+    code, stdout, stderr = result
+    assert code not in (0, None)
+    for text in expected:
+        assert text in stderr, f"{text!r} not in {stderr!r}"
+    assert "Traceback" not in stderr and "Saved" not in stdout
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.rglob("*.png"))

@@ -15,3 +15,12 @@ def count_loads(monkeypatch):
 
     monkeypatch.setattr(flux1.Flux1, "__init__", counting)
     return loads
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a model is loaded: bad input must be refused before loading."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(flux1.Flux1, "__init__", refuse)
