@@ -13,6 +13,7 @@ from PIL import Image
 
 from flux_1.cli.main import main
 from flux_1.loading.hub import HubError
+from flux_1.loading.weights import WeightLoadError
 from flux_1.pipeline import flux1
 from flux_1.pipeline.metadata import read_png_metadata
 from tests.cli.common import assert_refused, pixels, run_main
@@ -226,7 +227,7 @@ def test_hub_errors_are_printed_as_they_are(tmp_path, capsys, monkeypatch):
 
 def test_errors_while_loading_exit_cleanly(tiny_schnell, tmp_path, capsys, monkeypatch):
     def fails(*args, **kwargs):
-        raise flux1.WeightLoadError("transformer: 'img_in.weight' has shape (3, 4), expected (64, 64)")
+        raise WeightLoadError("transformer: 'img_in.weight' has shape (3, 4), expected (64, 64)")
 
     monkeypatch.setattr(flux1.Flux1, "__init__", fails)
     code, _, stderr = run(fast(tiny_schnell, "--output", tmp_path / "out" / "x.png"), capsys)

@@ -112,7 +112,6 @@ def check_output_folder(path: Path) -> None:
 def check_model_folder(root: Path) -> None:
     """Fail now, not after minutes of loading, on a missing/unreadable folder, component or weight file."""
     from ..loading import folder, saved
-    from ..loading.weights import WeightLoadError
 
     if not root.exists():
         raise CLIError(f"model path {root} does not exist")
@@ -124,9 +123,7 @@ def check_model_folder(root: Path) -> None:
         return
     for component in folder.DIFFUSERS_FOLDERS:
         folder.find_source(root, component)  # lazy: reads safetensors headers only
-    for sub in ("tokenizer", "tokenizer_2"):
-        if not (root / sub).is_dir():
-            raise WeightLoadError(f"missing component folder {sub}/ in {root}")
+    folder.require_tokenizers(root)
 
 
 def check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

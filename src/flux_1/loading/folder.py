@@ -28,6 +28,13 @@ PARAMS = {"transformer": FluxParams, "t5": T5Params, "clip": CLIPParams, "vae": 
 MODELS = {"transformer": FluxTransformer, "t5": T5Encoder, "clip": CLIPTextModel, "vae": AutoEncoder}
 DIFFUSERS_FOLDERS = {"transformer": "transformer", "t5": "text_encoder_2", "clip": "text_encoder", "vae": "vae"}
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")  # CLIP, T5: read by transformers, in every layout
+
+
+def require_tokenizers(root: Path) -> None:
+    for sub in TOKENIZER_FOLDERS:
+        if not (Path(root) / sub).is_dir():
+            raise WeightLoadError(f"missing component folder {sub}/ in {root}")
 
 
 @dataclass

@@ -142,12 +142,11 @@ def assign(
     for name, value in weights.items():
         module, param = split_param(name)
         by_module.setdefault(module, {})[param] = value
+    weights.clear()  # from here by_module holds the only references, dropped module by module
 
     loaded: set[str] = set()
     for module_name in list(by_module):
         params = by_module.pop(module_name)
-        for param in params:
-            weights.pop(f"{module_name}.{param}", None)
         module = modules[module_name]
         if prepare is not None and "weight" in params:
             ready = prepare(module_name, params["weight"], module)

@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from .. import quantization as q
 from ..loading import folder as loader
-from ..loading.weights import WeightLoadError
 from . import sampler
 
 PRECISIONS = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -110,7 +109,7 @@ class Flux1:
         self.lora_merge = lora_merge
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.quant_spec = _quant_spec(quantize)
+        self.quant_spec = q.parse(quantize)
         self._prompt_cache: dict[str, tuple[mx.array, mx.array]] = {}
         self.loras = None
         self._transformer = None
@@ -167,14 +166,12 @@ class Flux1:
     def _load_text_encoders(self):
         from transformers import CLIPTokenizer, T5TokenizerFast
 
-        for sub in ("tokenizer", "tokenizer_2"):
-            if not (self.root / sub).is_dir():
-                raise WeightLoadError(f"missing component folder {sub}/ in {self.root}")
+        loader.require_tokenizers(self.root)
         self.clip_tokenizer = CLIPTokenizer.from_pretrained(str(self.root / "tokenizer"))
         self.t5_tokenizer = T5TokenizerFast.from_pretrained(str(self.root / "tokenizer_2"))
         self.clip = self._load("clip")
         self.t5 = self._load("t5")
-        if getattr(self, "loras", None) is not None:
+        if self.loras is not None:
             self.loras.apply_text_encoder(self.clip)
 
     @property
@@ -304,6 +301,3 @@ class Flux1:
         mx.eval(image)
         return np.round(np.array(image) * 255).astype(np.uint8)
 
-
-def _quant_spec(quantize: int | str | None) -> q.QuantSpec | None:
-    return q.parse(quantize)
