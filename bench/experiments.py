@@ -140,7 +140,7 @@ def lora_interleaved(weights_dir: str | None, pairs: int = 3, rank: int = 16, co
     root = Path(weights_dir) if weights_dir else Path(f"/tmp/flux-bench-{config}")
     weights.write_folder(cfg, root, log=lambda *a: None)
     inputs = make_inputs(cfg, 2 * pairs + 1)
-    tr = loader.load_component(root, "transformer", mx.float32)
+    tr = loader.load_folder_component(root, "transformer", mx.float32)
     rng = np.random.default_rng(0)
     txt = mx.array(rng.standard_normal((1, cfg.txt_tokens, cfg.transformer.context_dim), np.float32))
     pooled = mx.array(rng.standard_normal((1, cfg.transformer.vec_dim), np.float32))
@@ -200,7 +200,7 @@ def vs_diffusers_interleaved(weights_dir: str | None, pairs: int = 3, threads: i
     pooled_np = rng.standard_normal((1, cfg.transformer.vec_dim), np.float32)
     sigma = float(inputs["sigmas"][0])
 
-    ours = loader.load_component(root, "transformer", mx.float32)
+    ours = loader.load_folder_component(root, "transformer", mx.float32)
     img_ids, txt_ids = sampler.image_ids(cfg.height, cfg.width), sampler.text_ids(cfg.txt_tokens)
     pe = ours.position_embedding(img_ids, txt_ids)
     x, txt, pooled = mx.array(inputs["noise"]), mx.array(txt_np), mx.array(pooled_np)

@@ -17,14 +17,13 @@ import mlx.core as mx
 import numpy as np
 
 from flux_1 import quantization as q
+from flux_1.components import PRECISIONS
 from flux_1.loading import folder as loader
 from flux_1.pipeline import sampler
 
 from . import lora as bench_lora
 from . import profile
 from .common import GB, Clock, median, rss_peak_gb, rss_reset
-
-PRECISIONS = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
 def quant_spec(setting: str | None) -> q.QuantSpec | None:
@@ -140,9 +139,9 @@ def run(cfg, root, inputs: dict, precisions: list[str], quants: list[str | None]
 
 def _text_stage(cfg, root, inputs, dtype, spec, base: Baseline, max_stage_s, sample_rows, measure_linears, log):
     with Mem() as m_clip:
-        clip = loader.load_component(root, "clip", dtype, spec)
+        clip = loader.load_folder_component(root, "clip", dtype, spec)
     with Mem() as m_t5:
-        t5 = loader.load_component(root, "t5", dtype, spec)
+        t5 = loader.load_folder_component(root, "t5", dtype, spec)
     clip_ids = mx.array(inputs["clip_ids"])
     t5_ids = mx.array(inputs["t5_ids"])
 
@@ -204,7 +203,7 @@ def _max(*xs):
 def _transformer_stage(cfg, root, inputs, dtype, spec, ranks, txt, pooled, base: Baseline, steps, warmup,
                        max_stage_s, sample_rows, profile_blocks, log):
     with Mem() as m_load:
-        tr = loader.load_component(root, "transformer", dtype, spec)
+        tr = loader.load_folder_component(root, "transformer", dtype, spec)
     weights = m_load.added
     sigmas = [float(s) for s in inputs["sigmas"]]
     x0 = mx.array(inputs["noise"]).astype(dtype)
@@ -369,7 +368,7 @@ def _per_block(tr, x0, txt, pooled, sigmas, img_ids, txt_ids, guidance, pe) -> d
 
 def _vae_stage(cfg, root, dtype, latents, warmup) -> dict:
     with Mem() as m_load:
-        vae = loader.load_component(root, "vae", dtype)
+        vae = loader.load_folder_component(root, "vae", dtype)
     if latents is None:  # every step was projected: decode the initial noise instead (same cost)
         rng = np.random.default_rng(0)
         latents = mx.array(rng.standard_normal((1, cfg.img_tokens, cfg.transformer.in_channels), np.float32))

@@ -74,16 +74,9 @@ def _subclasses(cls: type) -> list[type]:
 def _linear_classes() -> list[type]:
     """Every linear layer class: MLX's, their subclasses (e.g. flux_1.quantization.QuantizedLinear,
     whose CPU path dequantizes), and the LoRA wrappers."""
-    classes = _subclasses(nn.Linear) + _subclasses(nn.QuantizedLinear)
-    try:
-        from flux_1.lora import LoRALinear
+    from flux_1.lora import LoRALinear
 
-        classes.append(LoRALinear)
-    except Exception:  # flux_1.lora missing or broken: the bench's own side path is used instead
-        pass
-    from .lora import SideLoRALinear
-
-    classes.append(SideLoRALinear)
+    classes = _subclasses(nn.Linear) + _subclasses(nn.QuantizedLinear) + [LoRALinear]
     return list(dict.fromkeys(classes))
 
 

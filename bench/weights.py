@@ -13,36 +13,23 @@ as the Hub does for the transformer and T5.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from flux_1.components import COMPONENTS, PRECISIONS
 from flux_1.loading import tables
-from flux_1.models.clip import CLIPTextModel
-from flux_1.models.t5 import T5Encoder
-from flux_1.models.transformer import FluxTransformer
-from flux_1.models.vae import AutoEncoder
 
 from . import configs
 
 SHARD_BYTES = 2 * 2**30
-FOLDERS = {"transformer": "transformer", "t5": "text_encoder_2", "clip": "text_encoder", "vae": "vae"}
-STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-         "t5": "model", "clip": "model"}
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 MARKER = "bench-weights.json"
 
 
 def our_shapes(cfg: configs.BenchConfig, component: str) -> dict[str, tuple[int, ...]]:
     """Our parameter names -> shapes, from a lazily built model (no weight is ever evaluated)."""
-    model = {
-        "transformer": lambda: FluxTransformer(cfg.transformer),
-        "t5": lambda: T5Encoder(cfg.t5),
-        "clip": lambda: CLIPTextModel(cfg.clip),
-        "vae": lambda: AutoEncoder(cfg.vae),
-    }[component]()
+    model = COMPONENTS[component].model(getattr(cfg, component))
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
@@ -65,46 +52,30 @@ def random_tensor(name: str, shape: tuple[int, ...], key: mx.array) -> mx.array:
 # Ours -> diffusers names (the inverse of the loader's table)
 
 
-def _inverse_rules() -> list[tuple[re.Pattern, str, tables.Rule]]:
-    """(regex over our module names, diffusers name template, rule) for each rule of the table."""
-    out = []
-    for rule in tables.DIFFUSERS_TRANSFORMER:
-        target = re.escape(rule.target).replace(re.escape("\\1"), r"(\d+)")
-        source = rule.source.replace(r"(\d+)", "{}").replace(r"\.", ".")
-        out.append((re.compile(target), source, rule))
-    return out
-
-
 def to_diffusers_transformer(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Our (BFL-named) transformer weights -> diffusers FluxTransformer2DModel names and row blocks."""
-    inverse = _inverse_rules()
     by_module: dict[str, dict[str, mx.array]] = {}
     for name, value in weights.items():
         module, param = tables.split_param(name)
         by_module.setdefault(module, {})[param] = value
     out: dict[str, mx.array] = {}
     for module, params in by_module.items():
-        hits = []
-        for pattern, template, rule in inverse:
-            m = pattern.fullmatch(module)
-            if m:
-                hits.append((rule, template.format(*m.groups())))
+        hits = tables.source_names(tables.DIFFUSERS_TRANSFORMER, module)
         if not hits:
             raise KeyError(f"no diffusers name for our module {module!r}")
-        hits.sort(key=lambda h: h[0].part)
-        rule0 = hits[0][0]
+        first = hits[0][1]
+        if len(hits) != first.parts:
+            raise KeyError(f"{module}: found {len(hits)} of {first.parts} diffusers parts")
         if "weight" in params and params["weight"].ndim == 2:
-            rows = tables.part_rows(module, *params["weight"].shape, rule0.parts)
+            rows = tables.part_rows(module, *params["weight"].shape, first.parts)
         else:
             rows = [params["weight"].shape[0]]
-        if len(hits) != rule0.parts:
-            raise KeyError(f"{module}: found {len(hits)} of {rule0.parts} diffusers parts")
+        starts = [sum(rows[:i]) for i in range(len(rows))]
         for param, value in params.items():
-            if rule0.swap_halves:
+            if first.swap_halves:
                 a, b = mx.split(value, 2, axis=0)
                 value = mx.concatenate([b, a], axis=0)
-            starts = [sum(rows[:i]) for i in range(len(rows))]
-            for (_, source), start, n in zip(hits, starts, rows, strict=True):
+            for (source, _), start, n in zip(hits, starts, rows, strict=True):
                 out[f"{source}.{param}"] = value[start : start + n] if len(hits) > 1 else value
     return out
 
@@ -131,12 +102,12 @@ def config_json(cfg: configs.BenchConfig, component: str) -> dict:
 def write_component(cfg: configs.BenchConfig, component: str, root: Path, dtype: str = "bfloat16",
                     seed: int = 0) -> int:
     """Write one component folder; returns the bytes written. Memory: one shard at a time."""
-    folder = root / FOLDERS[component]
+    folder = root / COMPONENTS[component].folder
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config_json(cfg, component), indent=2))
     shapes = our_shapes(cfg, component)
-    stem = STEMS[component]
-    base = mx.random.key(seed * 10 + list(FOLDERS).index(component))
+    stem = COMPONENTS[component].shard_stem
+    base = mx.random.key(seed * 10 + list(COMPONENTS).index(component))
     keys = mx.random.split(base, len(shapes))
 
     # Group our tensors by module so that fused modules are split into parts in the same shard.
@@ -149,7 +120,7 @@ def write_component(cfg: configs.BenchConfig, component: str, root: Path, dtype:
     size = 0
     total = 0
     index = {name: i for i, name in enumerate(shapes)}
-    itemsize = DTYPES[dtype].size
+    itemsize = PRECISIONS[dtype].size
 
     def flush():
         nonlocal current, size
@@ -159,7 +130,7 @@ def write_component(cfg: configs.BenchConfig, component: str, root: Path, dtype:
             current, size = {}, 0
 
     for names in modules.values():
-        ours = {n: random_tensor(n, shapes[n], keys[index[n]]).astype(DTYPES[dtype]) for n in names}
+        ours = {n: random_tensor(n, shapes[n], keys[index[n]]).astype(PRECISIONS[dtype]) for n in names}
         disk = to_disk_names(component, ours)
         mx.eval(list(disk.values()))
         nbytes = sum(v.size * itemsize for v in disk.values())
@@ -209,8 +180,8 @@ def write_folder(cfg: configs.BenchConfig, root: Path, dtype: str = "bfloat16", 
     root.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     sizes = {}
-    for component in FOLDERS:
-        folder = root / FOLDERS[component]
+    for component in COMPONENTS:
+        folder = root / COMPONENTS[component].folder
         if folder.exists():
             for f in folder.iterdir():
                 f.unlink()

@@ -82,8 +82,8 @@ def test_random_weights_round_trip_through_the_loader(tmp_path, monkeypatch):
     weights.write_folder(cfg, tmp_path, log=lambda *a: None)
     index = json.loads((tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert loader.load_component(tmp_path, "transformer", mx.float32).params == cfg.transformer
-    assert loader.load_component(tmp_path, "vae", mx.float32).params == cfg.vae
+    assert loader.load_folder_component(tmp_path, "transformer", mx.float32).params == cfg.transformer
+    assert loader.load_folder_component(tmp_path, "vae", mx.float32).params == cfg.vae
     assert weights.write_folder(cfg, tmp_path, log=lambda *a: None)["reused"]
 
 

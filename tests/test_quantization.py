@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from flux_1 import Config, Flux1
 from flux_1 import quantization as q
+from flux_1.components import COMPONENTS
 from flux_1.loading import folder
 
 # Relative output error ||Wq x - W x|| / ||W x|| of every quantized layer of the tiny models (Gaussian
@@ -68,13 +69,19 @@ def test_group_size_fallback():
 # -- policy ----------------------------------------------------------------------------------------------
 
 
+def full_size_model(component: str, guidance: bool = False) -> nn.Module:
+    """The real FLUX.1 architecture (default params), never evaluated: shapes only."""
+    facts = COMPONENTS[component]
+    return facts.model(facts.params(guidance_embed=True) if guidance else facts.params())
+
+
 def test_policy_on_full_size_models():
     """Which layers of the real FLUX.1 models are quantized (built lazily from default params)."""
     spec = q.QuantSpec(bits=4)
     expected_counts = {"transformer": 19 * 10 + 38 * 3 + 2 + 2 + 1 + 1, "t5": 1 + 24 * 7, "clip": 1 + 12 * 6,
                        "vae": 0}
     for component, count in expected_counts.items():
-        model = q._full_size_model(component)
+        model = full_size_model(component)
         plan = q.layer_plan(model, component, spec)
         assert len(plan) == count, component
         modules = dict(model.named_modules())
@@ -82,14 +89,14 @@ def test_policy_on_full_size_models():
             assert isinstance(modules[name], (nn.Linear, nn.Embedding))
             assert how == {"group_size": 64, "bits": 4, "mode": "affine"}
         kept = {n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding))} - set(plan)
-        assert kept == set(q.KEEP_FULL_PRECISION[component]) or component == "vae", (component, kept)
-    transformer = q.layer_plan(q._full_size_model("transformer", guidance=True), "transformer", spec)
+        assert kept == set(COMPONENTS[component].keep_full_precision) or component == "vae", (component, kept)
+    transformer = q.layer_plan(full_size_model("transformer", guidance=True), "transformer", spec)
     assert "guidance_in.in_layer" in transformer and "img_in" not in transformer
     assert "final_layer.linear" not in transformer and "final_layer.adaLN_modulation.layers.1" in transformer
 
 
 def test_quantize_skeleton_rejects_foreign_plan():
-    model = q._full_size_model("clip")
+    model = full_size_model("clip")
     with pytest.raises(ValueError, match="not linears or embeddings"):
         q.quantize_skeleton(model, {"encoder.layers.0.layer_norm1": {"group_size": 64, "bits": 4}})
 
@@ -109,14 +116,14 @@ def test_plan_spec():
 
 @pytest.fixture(scope="module")
 def full_precision_models(tiny_schnell):
-    return {c: folder.load_component(tiny_schnell, c, mx.float32) for c in QUANTIZED_COMPONENTS}
+    return {c: folder.load_folder_component(tiny_schnell, c, mx.float32) for c in QUANTIZED_COMPONENTS}
 
 
 def _layer_errors(root, spec, full) -> dict[str, float]:
     key = mx.random.key(1)
     errors = {}
     for component in QUANTIZED_COMPONENTS:
-        quantized = folder.load_component(root, component, mx.float32, spec)
+        quantized = folder.load_folder_component(root, component, mx.float32, spec)
         reference = dict(full[component].named_modules())
         plan = q.describe(quantized)
         assert plan == q.layer_plan(full[component], component, spec)
@@ -197,8 +204,8 @@ def test_quantize_loaded_equals_quantize_while_loading(tiny_schnell):
     """Quantizing a loaded full-precision model (save.py with LoRAs) gives the codes of loading quantized."""
     spec = q.QuantSpec(bits=5)
     for component in QUANTIZED_COMPONENTS:
-        loaded = folder.load_component(tiny_schnell, component, mx.float32, spec)
-        model = folder.load_component(tiny_schnell, component, mx.float32)
+        loaded = folder.load_folder_component(tiny_schnell, component, mx.float32, spec)
+        model = folder.load_folder_component(tiny_schnell, component, mx.float32)
         q.quantize_loaded(model, q.layer_plan(model, component, spec))
         assert q.describe(model) == q.describe(loaded)
         a, b = dict(tree_flatten(model.parameters())), dict(tree_flatten(loaded.parameters()))
@@ -238,7 +245,7 @@ def test_peak_memory_while_loading(tmp_path):
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        model = folder.load_component(tmp_path, "transformer", mx.float32, spec)
+        model = folder.load_folder_component(tmp_path, "transformer", mx.float32, spec)
         return model, mx.get_peak_memory() - base
 
     model, peak = load(q.QuantSpec(bits=4))
@@ -264,39 +271,6 @@ def test_peak_memory_while_loading(tmp_path):
     assert mx.get_active_memory() - base < quantized + slack
     del model
     mx.clear_cache()
-
-
-# -- sizes -------------------------------------------------------------------------------------------------
-
-
-def test_size_table_matches_hand_computation():
-    before = mx.get_active_memory()
-    table = q.size_table(settings=("bf16", "4", "mxfp4"))
-    assert mx.get_active_memory() - before < 16 * 2**20  # shapes only: ~12B parameters never allocated
-
-    # One layer by hand: the first double block's image MLP up-projection, 3072 -> 12288, with bias.
-    out_f, in_f = 12288, 3072
-    bf16 = out_f * in_f * 2 + out_f * 2
-    affine4 = out_f * in_f * 4 // 8 + 2 * (out_f * in_f // 64) * 2 + out_f * 2  # codes, scales + biases, bias
-    mxfp4 = out_f * in_f * 4 // 8 + (out_f * in_f // 32) * 1 + out_f * 2  # codes, e8m0 scales, bias
-    for setting, expected in (("bf16", bf16), ("4", affine4), ("mxfp4", mxfp4)):
-        model = q._full_size_model("transformer")
-        model.set_dtype(mx.bfloat16)
-        spec = None if setting == "bf16" else q.parse(setting)
-        q.quantize_skeleton(model, q.layer_plan(model, "transformer", spec))
-        layer = dict(model.named_modules())["double_blocks.0.img_mlp.layers.0"]
-        assert q.parameter_bytes(layer) == expected, setting
-
-    # The whole table against parameter counts: bf16 is 2 bytes a parameter.
-    counts = {"transformer": 11_891_178_560, "t5": 4_762_310_656, "clip": 123_060_480, "vae": 83_819_683}
-    for component, n in counts.items():
-        assert table[component]["bf16"] == 2 * n, component
-    assert table["pipeline"]["bf16"] == 2 * sum(counts.values())
-    # mflux's published whole-pipeline figures (GB): same policy family, within 0.5%.
-    for setting in ("bf16", "4"):
-        assert table["pipeline"][setting] / 1e9 == pytest.approx(q.MFLUX_SIZES_GB[setting], rel=5e-3)
-    assert table["vae"]["4"] == table["vae"]["bf16"]  # never quantized
-    assert "| **whole pipeline** |" in q.format_size_table(table)
 
 
 @pytest.mark.parametrize("mode,bits", [("affine", 4), ("affine", 8), ("mxfp4", 4), ("nvfp4", 4), ("mxfp8", 8)])

@@ -7,7 +7,8 @@ Policy (the same for runtime `-q` and for save.py; `layer_plan` is the one place
 - T5 and CLIP: every linear and the token embeddings (T5's 32128 x 4096 table is 0.26 GB in bf16);
   CLIP's 77-row position table and T5's relative-attention-bias table stay (tiny, and added raw);
 - never norms, never the VAE (its convs are 84M parameters, 0.17 GB, and run once per image).
-A layer whose input width no allowed group size divides stays in full precision.
+A layer whose input width no allowed group size divides stays in full precision. The per-component
+lists (what stays full precision, which embeddings quantize) are in `components.py`.
 
 Settings: MLX affine quantization at 3, 4, 5, 6 or 8 bits (group size 64, or the largest of 128/64/32
 that divides a layer's input width), and MLX's microscaling float formats mxfp4, mxfp8 (group 32,
@@ -37,17 +38,6 @@ MODES = ("affine", *FIXED_GROUP)
 CHOICES = tuple(str(b) for b in AFFINE_BITS) + tuple(FIXED_GROUP)
 AFFINE_GROUPS = (128, 64, 32)
 DEFAULT_GROUP = 64
-COMPONENTS = ("transformer", "t5", "clip", "vae")
-KEEP_FULL_PRECISION = {
-    "transformer": ("img_in", "final_layer.linear"),
-    "t5": ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias",),
-    "clip": ("embeddings.position_embedding",),
-    "vae": (),
-}
-# Embeddings the policy quantizes (the token tables); every other embedding stays.
-QUANTIZED_EMBEDDINGS = {
-    "transformer": (), "t5": ("shared",), "clip": ("embeddings.token_embedding",), "vae": (),
-}
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
@@ -163,12 +153,12 @@ def check_supported(spec: QuantSpec) -> None:
 
 def layer_plan(model: nn.Module, component: str, spec: QuantSpec | None) -> dict[str, dict]:
     """{module name: {group_size, bits, mode}} for each layer the policy quantizes."""
-    if component not in KEEP_FULL_PRECISION:
-        raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
-    if spec is None or component == "vae":
+    from .components import component as find_component
+
+    facts = find_component(component)
+    if spec is None or not facts.quantizable:
         return {}
-    keep = KEEP_FULL_PRECISION[component]
-    embeddings = QUANTIZED_EMBEDDINGS[component]
+    keep, embeddings = facts.keep_full_precision, facts.quantized_embeddings
     plan = {}
     for name, module in model.named_modules():
         if name in keep:
@@ -283,81 +273,7 @@ def logical_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] * 32 // bits)
 
 
-# ------------------------------------------------------------------------------------------------
-# Sizes
-
-
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of every parameter (codes, scales, biases and full-precision tensors): shapes only, the
     arrays are not evaluated."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def _full_size_model(component: str, guidance: bool = False) -> nn.Module:
-    from .models.clip import CLIPParams, CLIPTextModel
-    from .models.t5 import T5Encoder, T5Params
-    from .models.transformer import FluxParams, FluxTransformer
-    from .models.vae import AutoEncoder, VAEParams
-
-    if component == "transformer":
-        return FluxTransformer(FluxParams(guidance_embed=guidance))
-    return {"t5": lambda: T5Encoder(T5Params()), "clip": lambda: CLIPTextModel(CLIPParams()),
-            "vae": lambda: AutoEncoder(VAEParams())}[component]()
-
-
-TABLE_SETTINGS = ("bf16", "8", "6", "5", "4", "3", "mxfp8", "mxfp4", "nvfp4")
-
-
-def size_table(settings=TABLE_SETTINGS, dtype: mx.Dtype = mx.bfloat16, guidance: bool = False
-               ) -> dict[str, dict[str, int]]:
-    """{component or "pipeline": {setting: bytes}} for the real FLUX.1 models under the policy.
-
-    The full-size models are built from their default params (FLUX.1's values) and quantized as the
-    policy says, but never evaluated: MLX arrays are lazy, so only shapes and dtypes are read and
-    nothing of the ~12B parameters is allocated. Full-precision tensors count at `dtype` (bf16).
-    `guidance=True` is FLUX.1-dev (the guidance embedder, 10.6M parameters more than schnell).
-    Bytes are tensor data, what save.py writes less the small safetensors headers.
-    """
-    table: dict[str, dict[str, int]] = {c: {} for c in (*COMPONENTS, "pipeline")}
-    for setting in settings:
-        spec = None if setting in ("bf16", "fp16", "none") else QuantSpec.from_mode(setting) if (
-            setting in FIXED_GROUP) else QuantSpec(bits=int(setting))
-        for component in COMPONENTS:
-            model = _full_size_model(component, guidance)
-            model.set_dtype(dtype)
-            quantize_skeleton(model, layer_plan(model, component, spec))
-            table[component][setting] = parameter_bytes(model)
-            del model
-        table["pipeline"][setting] = sum(table[c][setting] for c in COMPONENTS)
-    return table
-
-
-# mflux's published whole-pipeline sizes (README v0.10+), GB.
-MFLUX_SIZES_GB = {"bf16": 33.73, "8": 18.01, "6": 13.81, "5": 11.71, "4": 9.61, "3": 7.52}
-ROW_NAMES = {"transformer": "transformer", "t5": "T5-XXL (text_encoder_2)", "clip": "CLIP-L (text_encoder)",
-             "vae": "VAE", "pipeline": "**whole pipeline**"}
-
-
-def format_size_table(table: dict[str, dict[str, int]]) -> str:
-    """Markdown: one row per component, one column per setting, GB (10^9 bytes); mflux's figures below."""
-    settings = list(table["pipeline"])
-    def row(name: str, cells) -> str:
-        return f"| {name} | " + " | ".join(cells) + " |"
-
-    lines = [row("component", (s if s in FIXED_GROUP or s == "bf16" else f"{s}-bit" for s in settings)),
-             "|---|" + "---:|" * len(settings)]
-    for name, values in table.items():
-        lines.append(row(ROW_NAMES.get(name, name), (f"{values[s] / 1e9:.2f}" for s in settings)))
-    mflux = (f"{MFLUX_SIZES_GB[s]:.2f}" if s in MFLUX_SIZES_GB else "–" for s in settings)
-    lines.append(row("mflux README (whole pipeline)", mflux))
-    return "\n".join(lines)
-
-
-def size_report() -> str:
-    """The markdown tables of docs/QUANTIZATION.md (schnell and dev):
-    `python -c "import flux_1.quantization as q; print(q.size_report())"`."""
-    parts = []
-    for dev in (False, True):
-        title = f"FLUX.1-{'dev' if dev else 'schnell'}, GB (10^9 bytes)"
-        parts.append(f"{title}\n\n{format_size_table(size_table(guidance=dev))}")
-    return "\n\n".join(parts)

@@ -31,9 +31,9 @@ def _without(root, tmp_path, *names):
 
 @pytest.mark.parametrize("component", ["transformer", "vae"])
 def test_bfl_single_files_give_identical_weights(bfl_dev, tmp_path, component):
-    diffusers = dict(tree_flatten(folder.load_component(bfl_dev, component, mx.float32).parameters()))
+    diffusers = dict(tree_flatten(folder.load_folder_component(bfl_dev, component, mx.float32).parameters()))
     only_bfl = _without(bfl_dev, tmp_path, "transformer", "vae")
-    bfl = dict(tree_flatten(folder.load_component(only_bfl, component, mx.float32).parameters()))
+    bfl = dict(tree_flatten(folder.load_folder_component(only_bfl, component, mx.float32).parameters()))
     assert diffusers.keys() == bfl.keys()
     for k in diffusers:
         assert mx.array_equal(diffusers[k], bfl[k]), k
@@ -43,7 +43,7 @@ def test_bfl_single_files_give_identical_outputs(bfl_dev, tmp_path):
     only_bfl = _without(bfl_dev, tmp_path, "transformer", "vae")
     outs = []
     for root in (bfl_dev, only_bfl):
-        model = folder.load_component(root, "transformer", mx.float32)
+        model = folder.load_folder_component(root, "transformer", mx.float32)
         p = model.params
         rng = np.random.default_rng(0)
         img = mx.array(rng.standard_normal((1, 6, p.in_channels)).astype(np.float32))
@@ -55,7 +55,7 @@ def test_bfl_single_files_give_identical_outputs(bfl_dev, tmp_path):
 
 
 def test_architecture_is_read_off_the_weights(bfl_dev):
-    model = folder.load_component(bfl_dev, "transformer", mx.float32)
+    model = folder.load_folder_component(bfl_dev, "transformer", mx.float32)
     assert model.params.guidance_embed  # dev
     assert len(model.double_blocks) == 2 and len(model.single_blocks) == 2
     assert model.params.head_dim == 32 and model.params.axes_dim == (4, 14, 14)
@@ -64,21 +64,21 @@ def test_architecture_is_read_off_the_weights(bfl_dev):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_loads_half_precision_checkpoints(tmp_path, dtype):
     root = write_tiny_flux(tmp_path / dtype, "schnell", dtype=dtype)
-    model = folder.load_component(root, "transformer", mx.float32)
+    model = folder.load_folder_component(root, "transformer", mx.float32)
     assert model.img_in.weight.dtype == mx.float32
-    model = folder.load_component(root, "t5", mx.bfloat16)
+    model = folder.load_folder_component(root, "t5", mx.bfloat16)
     assert model.shared.weight.dtype == mx.bfloat16
 
 
 def test_missing_component_folder_is_named(bfl_dev, tmp_path):
     copy = _without(bfl_dev, tmp_path, "text_encoder_2")
     with pytest.raises(WeightLoadError, match=r"missing component folder text_encoder_2/"):
-        folder.load_component(copy, "t5", mx.float32)
+        folder.load_folder_component(copy, "t5", mx.float32)
 
 
 def test_missing_model_path(tmp_path):
     with pytest.raises(WeightLoadError, match="does not exist"):
-        folder.load_component(tmp_path / "nowhere", "transformer", mx.float32)
+        folder.load_folder_component(tmp_path / "nowhere", "transformer", mx.float32)
 
 
 def test_truncated_shard_names_the_file(bfl_dev, tmp_path):
@@ -87,13 +87,13 @@ def test_truncated_shard_names_the_file(bfl_dev, tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightLoadError, match=r"diffusion_pytorch_model-00002-of-00002\.safetensors.*truncated"):
-        folder.load_component(copy, "transformer", mx.float32)
+        folder.load_folder_component(copy, "transformer", mx.float32)
 
 
 def test_shard_listed_in_index_but_absent(bfl_dev, tmp_path):
     copy = _without(bfl_dev, tmp_path, "text_encoder_2/model-00002-of-00002.safetensors")
     with pytest.raises(WeightLoadError, match=r"lists model-00002-of-00002\.safetensors, which is missing"):
-        folder.load_component(copy, "t5", mx.float32)
+        folder.load_folder_component(copy, "t5", mx.float32)
 
 
 def _rewrite(path, edit):
@@ -109,7 +109,7 @@ def test_missing_key_is_named(bfl_dev, tmp_path):
     _rewrite(copy / "vae" / "diffusion_pytorch_model.safetensors",
              lambda t: t.pop("decoder.conv_out.bias"))
     with pytest.raises(WeightLoadError, match=r"missing key\(s\) \['decoder\.conv_out\.bias'\]"):
-        folder.load_component(copy, "vae", mx.float32)
+        folder.load_folder_component(copy, "vae", mx.float32)
 
 
 def test_missing_part_of_a_fused_layer_is_named(bfl_dev, tmp_path):
@@ -119,7 +119,7 @@ def test_missing_part_of_a_fused_layer_is_named(bfl_dev, tmp_path):
     _rewrite(shard, lambda t: t.pop("transformer_blocks.1.attn.to_k.weight"))
     missing_k = r"missing part\(s\) \[1\] of fused 'double_blocks\.1\.img_attn\.qkv\.weight'"
     with pytest.raises(WeightLoadError, match=missing_k):
-        folder.load_component(copy, "transformer", mx.float32)
+        folder.load_folder_component(copy, "transformer", mx.float32)
 
 
 def test_unexpected_key_is_named(bfl_dev, tmp_path):
@@ -127,7 +127,7 @@ def test_unexpected_key_is_named(bfl_dev, tmp_path):
     _rewrite(copy / "text_encoder" / "model.safetensors",
              lambda t: t.__setitem__("text_model.encoder.layers.0.extra.weight", np.zeros(3, np.float32)))
     with pytest.raises(WeightLoadError, match=r"unexpected key.*encoder\.layers\.0\.extra\.weight"):
-        folder.load_component(copy, "clip", mx.float32)
+        folder.load_folder_component(copy, "clip", mx.float32)
 
 
 def test_wrong_shape_names_key_and_shapes(bfl_dev, tmp_path):
@@ -139,4 +139,4 @@ def test_wrong_shape_names_key_and_shapes(bfl_dev, tmp_path):
     _rewrite(copy / "text_encoder" / "model.safetensors", widen)
     with pytest.raises(WeightLoadError, match=r"text_encoder: 'encoder\.layers\.1\.mlp\.fc2\.bias' has shape \(65,\), "
                                               r"expected \(64,\)"):
-        folder.load_component(copy, "clip", mx.float32)
+        folder.load_folder_component(copy, "clip", mx.float32)

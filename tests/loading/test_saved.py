@@ -14,10 +14,13 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
+import flux_1.pipeline.save_model
 from flux_1 import Config, Flux1
 from flux_1 import quantization as q
+from flux_1.components import COMPONENTS, TOKENIZERS
 from flux_1.loading import folder, saved
 from flux_1.loading.weights import WeightLoadError
+from flux_1.pipeline.save_model import save_model
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "saved_v1"
 CONFIG = dict(num_inference_steps=2, height=32, width=32)
@@ -42,7 +45,7 @@ def same_params(a, b) -> bool:
 @pytest.fixture(scope="module")
 def saved4(tiny_schnell, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("saved") / "schnell-q4"
-    return saved.save(out, "schnell", source=tiny_schnell, quantize=4, precision="float32")
+    return save_model(out, "schnell", source=tiny_schnell, quantize=4, precision="float32")
 
 
 # -- round trip ---------------------------------------------------------------------------------------------
@@ -50,33 +53,33 @@ def saved4(tiny_schnell, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("label", ["4", "nvfp4", None])
 def test_save_then_load_equals_runtime_quantization(tiny_schnell, saved4, tmp_path, label):
-    out = saved4 if label == "4" else saved.save(tmp_path / "out", "schnell", source=tiny_schnell,
+    out = saved4 if label == "4" else save_model(tmp_path / "out", "schnell", source=tiny_schnell,
                                                  quantize=label, precision="float32")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"] == (q.parse(label).as_dict() if label else None)
     assert (manifest["model"], manifest["precision"], manifest["format_version"]) == ("schnell", "float32", 1)
     for component in ("transformer", "t5", "clip", "vae"):
-        runtime = folder.load_component(tiny_schnell, component, mx.float32, q.parse(label))
-        assert same_params(saved.load_component(out, component, mx.float32), runtime), component
+        runtime = folder.load_folder_component(tiny_schnell, component, mx.float32, q.parse(label))
+        assert same_params(saved.load_saved_component(out, component, mx.float32), runtime), component
     if label == "4":  # equal parameters draw equal images; check it once, end to end
         assert np.array_equal(image(out), image(tiny_schnell, label))  # no -q needed: the folder says how
 
 
 def test_bfloat16_round_trip(tiny_flux, tmp_path):
     source = tiny_flux("schnell", "bfloat16", bfl=False)
-    out = saved.save(tmp_path / "out", "schnell", source=source, quantize=8)  # default precision bfloat16
+    out = save_model(tmp_path / "out", "schnell", source=source, quantize=8)  # default precision bfloat16
     for component in ("transformer", "clip"):
-        loaded = saved.load_component(out, component, mx.bfloat16)
-        assert same_params(loaded, folder.load_component(source, component, mx.bfloat16, q.parse(8)))
+        loaded = saved.load_saved_component(out, component, mx.bfloat16)
+        assert same_params(loaded, folder.load_folder_component(source, component, mx.bfloat16, q.parse(8)))
         assert {v.dtype for v in params(loaded).values()} <= {mx.bfloat16, mx.uint32}
 
 
 def test_full_precision_folder_is_quantized_at_load(tiny_schnell, tmp_path):
-    out = saved.save(tmp_path / "fp", "schnell", source=tiny_schnell, precision="float32")
+    out = save_model(tmp_path / "fp", "schnell", source=tiny_schnell, precision="float32")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to disagree with: no warning
-        model = saved.load_component(out, "transformer", mx.float32, q.parse(5))
-    assert same_params(model, folder.load_component(tiny_schnell, "transformer", mx.float32, q.parse(5)))
+        model = saved.load_saved_component(out, "transformer", mx.float32, q.parse(5))
+    assert same_params(model, folder.load_folder_component(tiny_schnell, "transformer", mx.float32, q.parse(5)))
 
 
 def _data_bytes(path: Path) -> int:
@@ -90,7 +93,7 @@ def test_saved_size_matches_the_plan(tiny_schnell, saved4):
     + full-precision tensors, for the layers of the policy's plan, from the source's shapes."""
     manifest = json.loads((saved4 / "manifest.json").read_text())
     spec = q.QuantSpec(bits=4)
-    for component, sub in saved.FOLDERS.items():
+    for component, sub in ((c, f.folder) for c, f in COMPONENTS.items()):
         source = folder.find_source(tiny_schnell, component)
         model = folder.build(component, folder.find_source(tiny_schnell, component), mx.float32)
         plan = q.layer_plan(model, component, spec)
@@ -110,14 +113,14 @@ def test_saved_size_matches_the_plan(tiny_schnell, saved4):
         assert json.loads(meta["layers"]) == plan
         assert (meta["bits"], meta["mode"], meta["format_version"]) == (("4", "affine", "1") if plan else
                                                                         ("none", "none", "1"))
-    for sub in saved.TOKENIZERS:
+    for sub in TOKENIZERS:
         copied, original = (sorted(p.name for p in (f / sub).iterdir()) for f in (saved4, tiny_schnell))
         assert copied == original
 
 
 def test_shards_at_most_the_limit(tiny_schnell, saved4, tmp_path):
     limit = 60_000
-    out = saved.save(tmp_path / "sharded", "schnell", source=tiny_schnell, quantize=4, precision="float32",
+    out = save_model(tmp_path / "sharded", "schnell", source=tiny_schnell, quantize=4, precision="float32",
                      max_shard_bytes=limit)
     files = sorted((out / "transformer").glob("model-*-of-*.safetensors"))
     assert len(files) > 2 and (out / "transformer" / saved.INDEX).exists()
@@ -128,8 +131,8 @@ def test_shards_at_most_the_limit(tiny_schnell, saved4, tmp_path):
         biggest_module = max(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
         assert _data_bytes(f) <= max(limit, biggest_module * 3)
     for component in ("transformer", "t5"):
-        assert same_params(saved.load_component(out, component, mx.float32),
-                           saved.load_component(saved4, component, mx.float32))
+        assert same_params(saved.load_saved_component(out, component, mx.float32),
+                           saved.load_saved_component(saved4, component, mx.float32))
 
 
 # -- the committed fixture (format version 1) ---------------------------------------------------------------
@@ -169,7 +172,7 @@ def test_unknown_format_version_is_a_clear_error(fixture_copy):
     with pytest.raises(saved.SavedFormatError, match="format version 2 is not supported"):
         Flux1.from_alias("schnell", path=fixture_copy)
     with pytest.raises(WeightLoadError, match="format version 2"):
-        saved.load_component(fixture_copy, "vae", mx.float32)
+        saved.load_saved_component(fixture_copy, "vae", mx.float32)
 
 
 def test_shard_of_unknown_version_is_refused(fixture_copy):
@@ -177,7 +180,7 @@ def test_shard_of_unknown_version_is_refused(fixture_copy):
     arrays, meta = mx.load(str(path), return_metadata=True)
     mx.save_safetensors(str(path), arrays, metadata={**meta, "format_version": "7"})
     with pytest.raises(saved.SavedFormatError, match="format version '7'"):
-        saved.load_component(fixture_copy, "clip", mx.float32)
+        saved.load_saved_component(fixture_copy, "clip", mx.float32)
 
 
 def test_foreign_or_broken_manifest(fixture_copy):
@@ -212,16 +215,16 @@ def test_non_empty_output_is_refused_without_overwrite(tiny_schnell, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(saved.SaveError, match="not empty; pass --overwrite"):
-        saved.save(out, "schnell", source=tiny_schnell, quantize=4, precision="float32")
+        save_model(out, "schnell", source=tiny_schnell, quantize=4, precision="float32")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    saved.save(out, "schnell", source=tiny_schnell, quantize=4, precision="float32", overwrite=True)
+    save_model(out, "schnell", source=tiny_schnell, quantize=4, precision="float32", overwrite=True)
     assert not (out / "keep.txt").exists() and saved.is_saved_folder(out)
     empty = tmp_path / "empty"
     empty.mkdir()
-    saved.save(empty, "schnell", source=tiny_schnell, precision="float32")  # an empty folder is fine
+    save_model(empty, "schnell", source=tiny_schnell, precision="float32")  # an empty folder is fine
     assert saved.is_saved_folder(empty) and not _leftovers(tmp_path)
     with pytest.raises(saved.SaveError, match="is not a folder"):
-        saved.save(out / "manifest.json", "schnell", source=tiny_schnell)
+        save_model(out / "manifest.json", "schnell", source=tiny_schnell)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
@@ -235,10 +238,10 @@ def test_interrupted_save_leaves_nothing(tiny_schnell, tmp_path, monkeypatch, ex
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(saved, "write_component", failing)
+    monkeypatch.setattr(flux_1.pipeline.save_model, "write_component", failing)
     out = tmp_path / "out"
     with pytest.raises(type(exc)):
-        saved.save(out, "schnell", source=tiny_schnell, quantize=4, precision="float32")
+        save_model(out, "schnell", source=tiny_schnell, quantize=4, precision="float32")
     assert not out.exists() and not _leftovers(tmp_path)
 
     # An existing folder being overwritten is left exactly as it was.
@@ -246,19 +249,19 @@ def test_interrupted_save_leaves_nothing(tiny_schnell, tmp_path, monkeypatch, ex
     (out / "old.txt").write_text("previous model")
     calls.clear()
     with pytest.raises(type(exc)):
-        saved.save(out, "schnell", source=tiny_schnell, quantize=4, precision="float32", overwrite=True)
+        save_model(out, "schnell", source=tiny_schnell, quantize=4, precision="float32", overwrite=True)
     assert [p.name for p in out.iterdir()] == ["old.txt"] and not _leftovers(tmp_path)
 
 
 def test_output_inside_source_and_requantizing_are_refused(tiny_schnell, fixture_copy, tmp_path):
     with pytest.raises(saved.SaveError, match="source"):
-        saved.save(tiny_schnell / "saved", "schnell", source=tiny_schnell)
+        save_model(tiny_schnell / "saved", "schnell", source=tiny_schnell)
     with pytest.raises(saved.SaveError, match="already quantized"):
-        saved.save(tmp_path / "q8", "schnell", source=fixture_copy, quantize=8)
+        save_model(tmp_path / "q8", "schnell", source=fixture_copy, quantize=8)
     with pytest.raises(FileNotFoundError):
-        saved.save(tmp_path / "x", "schnell", source=tmp_path / "missing")
+        save_model(tmp_path / "x", "schnell", source=tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown model"):
-        saved.save(tmp_path / "x", "pro", source=tiny_schnell)
+        save_model(tmp_path / "x", "pro", source=tiny_schnell)
 
 
 # -- LoRAs ----------------------------------------------------------------------------------------------
@@ -295,16 +298,16 @@ def test_loras_are_merged_into_full_precision_weights_then_quantized(tiny_schnel
     lora = tmp_path / "style.safetensors"
     deltas = write_lora(lora)
     scale = 0.8
-    fp = saved.save(tmp_path / "fp", "schnell", source=tiny_schnell, precision="float32",
+    fp = save_model(tmp_path / "fp", "schnell", source=tiny_schnell, precision="float32",
                     lora_paths=[lora], lora_scales=[scale])
-    q8 = saved.save(tmp_path / "q8", "schnell", source=tiny_schnell, quantize=8, precision="float32",
+    q8 = save_model(tmp_path / "q8", "schnell", source=tiny_schnell, quantize=8, precision="float32",
                     lora_paths=[lora], lora_scales=[scale])
     manifest = json.loads((q8 / "manifest.json").read_text())
     assert manifest["loras"] == [{"path": str(lora.resolve()), "name": lora.name, "scale": scale}]
 
     for component in ("transformer", "clip"):
-        base = params(folder.load_component(tiny_schnell, component, mx.float32))
-        merged_model = saved.load_component(fp, component, mx.float32)
+        base = params(folder.load_folder_component(tiny_schnell, component, mx.float32))
+        merged_model = saved.load_saved_component(fp, component, mx.float32)
         merged = params(merged_model)
         assert merged.keys() == base.keys()  # plain layers, our names: no LoRA left in the folder
         for key in base:
@@ -318,7 +321,7 @@ def test_loras_are_merged_into_full_precision_weights_then_quantized(tiny_schnel
                 assert mx.array_equal(merged[key], base[key]).item(), key
         # The quantized folder holds exactly the codes of quantizing the merged full-precision weights.
         q.quantize_loaded(merged_model, q.layer_plan(merged_model, component, q.parse(8)))
-        assert same_params(saved.load_component(q8, component, mx.float32), merged_model), component
+        assert same_params(saved.load_saved_component(q8, component, mx.float32), merged_model), component
 
     # The baked folder draws what the runtime LoRA (side path, no quantization) draws.
     runtime = image(tiny_schnell, lora_paths=[str(lora)], lora_scales=[scale])
@@ -342,9 +345,9 @@ def test_corrupt_layer_plan_is_a_clear_error(fixture_copy):
     arrays, meta = mx.load(str(path), return_metadata=True)
     mx.save_safetensors(str(path), arrays, metadata={**meta, "layers": '{"img_in": {"bits": 4}}'})
     with pytest.raises(saved.SavedFormatError, match="unreadable quantization metadata"):
-        saved.load_component(fixture_copy, "transformer", mx.float32)
+        saved.load_saved_component(fixture_copy, "transformer", mx.float32)
     plan = json.loads(meta["layers"])
     plan["img_in"] = plan["txt_in"]  # a layer the policy never quantized: the codes do not fit
     mx.save_safetensors(str(path), arrays, metadata={**meta, "layers": json.dumps(plan)})
     with pytest.raises(saved.SavedFormatError, match="quantizes 'img_in' but its weight is"):
-        saved.load_component(fixture_copy, "transformer", mx.float32)
+        saved.load_saved_component(fixture_copy, "transformer", mx.float32)

@@ -19,7 +19,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def components(tiny_schnell, tiny_dev):
-    load = lambda root, c: folder.load_component(root, c, mx.float32)  # noqa: E731
+    load = lambda root, c: folder.load_folder_component(root, c, mx.float32)  # noqa: E731
     return {
         "t5": load(tiny_schnell, "t5"), "clip": load(tiny_schnell, "clip"), "vae": load(tiny_schnell, "vae"),
         "schnell": load(tiny_schnell, "transformer"), "dev": load(tiny_dev, "transformer"),
@@ -82,7 +82,7 @@ def pipelines(tiny_schnell, tiny_dev):
 def test_tokenization_matches_the_reference_pipeline(pipelines, reference, variant):
     flux, key = pipelines[variant], f"pipeline.{variant}"
     prompt = str(reference[f"{key}.prompt"])
-    t5 = flux.t5_tokenizer(prompt, padding="max_length", max_length=flux.spec.max_sequence_length,
+    t5 = flux.t5_tokenizer(prompt, padding="max_length", max_length=flux.variant.max_sequence_length,
                            truncation=True, return_tensors="np").input_ids
     np.testing.assert_array_equal(t5, reference[f"{key}.t5_input_ids"])
     clip = flux.clip_tokenizer(prompt, padding="max_length", max_length=77, truncation=True,

@@ -30,7 +30,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from ..pipeline.flux1 import MODELS, Config
+from ..pipeline.flux1 import Config
+from ..pipeline.variants import VARIANTS
 from .errors import CLIError, user_errors
 from .main import (
     add_lora_arguments,
@@ -256,7 +257,7 @@ def compare(args: argparse.Namespace, config: Config) -> tuple[list[Path], Path]
 
     base = list(args.lora_scales) if args.lora_scales is not None else [1.0] * len(args.lora_paths)
     if args.path is None:
-        print(f"Loading {MODELS[args.model].repo_id} (Hugging Face cache)")
+        print(f"Loading {VARIANTS[args.model].repo_id} (Hugging Face cache)")
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     # The side path (no merge): every strength, 0 included, is exact against the untouched base weights.

@@ -15,7 +15,9 @@ import time
 import warnings
 from pathlib import Path
 
-from ..pipeline.flux1 import MODELS, PRECISIONS, Config
+from ..components import PRECISIONS
+from ..pipeline.flux1 import Config
+from ..pipeline.variants import VARIANTS
 from ..quantization import CHOICES
 from .errors import CLIError, user_errors
 
@@ -34,7 +36,7 @@ def parse_quantize(text: str) -> int | str:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The flags shared by every generating command: model, prompt, folder, sampling, precision."""
-    p.add_argument("--model", "-m", required=True, choices=list(MODELS),
+    p.add_argument("--model", "-m", required=True, choices=list(VARIANTS),
                    help="schnell (4 steps) or dev (25 steps)")
     p.add_argument("--prompt", "-p", required=True, help="the text to draw")
     p.add_argument("--path", type=Path,
@@ -111,6 +113,7 @@ def check_output_folder(path: Path) -> None:
 
 def check_model_folder(root: Path) -> None:
     """Fail now, not after minutes of loading, on a missing/unreadable folder, component or weight file."""
+    from ..components import COMPONENTS, require_tokenizers
     from ..loading import folder, saved
 
     if not root.exists():
@@ -121,9 +124,9 @@ def check_model_folder(root: Path) -> None:
         raise CLIError(f"model path {root} is not readable")
     if saved.is_saved_folder(root):
         return
-    for component in folder.DIFFUSERS_FOLDERS:
+    for component in COMPONENTS:
         folder.find_source(root, component)  # lazy: reads safetensors headers only
-    folder.require_tokenizers(root)
+    require_tokenizers(root)
 
 
 def check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -177,7 +180,7 @@ def generate(args: argparse.Namespace, config: Config, template: str) -> list[Pa
     from ..pipeline.flux1 import Flux1
 
     if args.path is None:
-        print(f"Loading {MODELS[args.model].repo_id} (Hugging Face cache)")
+        print(f"Loading {VARIANTS[args.model].repo_id} (Hugging Face cache)")
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     flux = Flux1.from_alias(args.model, path=args.path, quantize=args.quantize,
@@ -188,7 +191,7 @@ def generate(args: argparse.Namespace, config: Config, template: str) -> list[Pa
     if args.guidance is not None and not flux.is_guidance_distilled:
         print(f"warning: {args.model} has no guidance embedder: --guidance is ignored", file=sys.stderr)
 
-    steps = config.num_inference_steps or flux.spec.default_steps
+    steps = config.num_inference_steps or flux.variant.default_steps
     written = []
     for seed in args.seed:
         print(f"Generating with seed {seed}")

@@ -11,7 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
-from ..pipeline.flux1 import MODELS, PRECISIONS
+from ..components import PRECISIONS
+from ..pipeline.variants import VARIANTS
 from ..quantization import CHOICES
 from .errors import user_errors
 from .main import add_lora_arguments, check_lora_args, parse_quantize
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The source comes from the Hugging Face cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN) unless "
         "--source is given. Load the result with `flux1-generate --model M --path OUT` (no -q needed).",
     )
-    p.add_argument("--model", "-m", required=True, choices=list(MODELS), help="schnell or dev")
+    p.add_argument("--model", "-m", required=True, choices=list(VARIANTS), help="schnell or dev")
     p.add_argument("--path", required=True, type=Path, help="output folder (must not exist or be empty)")
     p.add_argument("-q", "--quantize", type=parse_quantize, metavar="BITS",
                    help=f"quantize: {', '.join(CHOICES)} (default: none, full precision)")
@@ -47,10 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_lora_args(parser, args)
     with user_errors():
-        from ..loading import saved
+        from ..pipeline.save_model import save_model
 
         t0 = time.perf_counter()
-        out = saved.save(args.path, args.model, source=args.source, quantize=args.quantize,
+        out = save_model(args.path, args.model, source=args.source, quantize=args.quantize,
                          precision=args.precision, lora_paths=args.lora_paths, lora_scales=args.lora_scales,
                          overwrite=args.overwrite, log=print)
         print(f"Saved {args.model} to {out} ({folder_bytes(out) / 1e9:.2f} GB, "

@@ -1,0 +1,19 @@
+"""Reading weights: one name table per source format (tables.py), the strict lazy engine (weights.py),
+local folders in the diffusers/BFL layouts (folder.py), save.py folders (saved.py), the Hub (hub.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def load_component(root: Path, component: str, dtype: mx.Dtype, spec=None) -> nn.Module:
+    """One component (transformer, t5, clip, vae) from any local folder layout, quantized with `spec`
+    (a `quantization.QuantSpec`; a save.py folder's own quantization wins)."""
+    from .folder import load_folder_component
+    from .saved import is_saved_folder, load_saved_component
+
+    load = load_saved_component if is_saved_folder(root) else load_folder_component
+    return load(Path(root), component, dtype, spec)

@@ -17,24 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import quantization as q
-from ..models.clip import CLIPParams, CLIPTextModel
-from ..models.t5 import T5Encoder, T5Params
-from ..models.transformer import FluxParams, FluxTransformer
-from ..models.vae import AutoEncoder, VAEParams
+from ..components import COMPONENTS
 from . import tables
 from .weights import WeightLoadError, assign, component_files, convert, read_lazy, shapes_of, to_mlx_layout
 
-PARAMS = {"transformer": FluxParams, "t5": T5Params, "clip": CLIPParams, "vae": VAEParams}
-MODELS = {"transformer": FluxTransformer, "t5": T5Encoder, "clip": CLIPTextModel, "vae": AutoEncoder}
-DIFFUSERS_FOLDERS = {"transformer": "transformer", "t5": "text_encoder_2", "clip": "text_encoder", "vae": "vae"}
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")  # CLIP, T5: read by transformers, in every layout
-
-
-def require_tokenizers(root: Path) -> None:
-    for sub in TOKENIZER_FOLDERS:
-        if not (Path(root) / sub).is_dir():
-            raise WeightLoadError(f"missing component folder {sub}/ in {root}")
 
 
 @dataclass
@@ -81,7 +68,7 @@ def find_source(root: Path, component: str) -> Source:
     root = Path(root)
     if not root.is_dir():
         raise WeightLoadError(f"model path {root} does not exist or is not a folder")
-    folder = root / DIFFUSERS_FOLDERS[component]
+    folder = root / COMPONENTS[component].folder
     if component == "transformer" and not folder.is_dir():
         single = bfl_transformer_file(root)
         if single is not None:
@@ -92,7 +79,7 @@ def find_source(root: Path, component: str) -> Source:
         keys = mx.load(str(ae)).keys()
         ups = {int(k.split(".")[2]) for k in keys if k.startswith("decoder.up.")}
         return _torch_source([ae], tables.bfl_vae_table(len(ups)), str(ae))
-    files = component_files(folder, DIFFUSERS_FOLDERS[component])
+    files = component_files(folder, COMPONENTS[component].folder)
     label = str(folder)
     if component == "transformer":
         return _torch_source(files, tables.DIFFUSERS_TRANSFORMER, label)
@@ -112,8 +99,7 @@ def build(component: str, source: Source, dtype: mx.Dtype, spec: q.QuantSpec | N
     `plan` (from a saved folder) fixes exactly which layers are quantized and how; otherwise `spec`
     applies the policy of quantization.py.
     """
-    params = PARAMS[component].from_shapes(source.shapes or shapes_of(source.weights))
-    model = MODELS[component](params)
+    model = COMPONENTS[component].build(source.shapes or shapes_of(source.weights))
     model.set_dtype(dtype)
     if plan is None and spec is not None:
         plan = q.layer_plan(model, component, spec)
@@ -123,5 +109,7 @@ def build(component: str, source: Source, dtype: mx.Dtype, spec: q.QuantSpec | N
     return model
 
 
-def load_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpec | None = None) -> nn.Module:
+def load_folder_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpec | None = None
+                          ) -> nn.Module:
+    """One component from a diffusers-layout or BFL folder."""
     return build(component, find_source(root, component), dtype, spec)

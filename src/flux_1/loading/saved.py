@@ -37,17 +37,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .. import quantization as q
+from ..components import COMPONENTS, TOKENIZERS, require_tokenizers
 from .weights import WeightLoadError, component_files, read_lazy
 
 MANIFEST = "manifest.json"
 FORMAT = "flux_1.saved"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-FOLDERS = {"transformer": "transformer", "t5": "text_encoder_2", "clip": "text_encoder", "vae": "vae"}
-TOKENIZERS = ("tokenizer", "tokenizer_2")
 MAX_SHARD_BYTES = 2 * 10**9  # at most 2 GB per file (as mflux / mlx-examples shard)
 INDEX = "model.safetensors.index.json"
-PRECISION_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
 
 
 class SavedFormatError(WeightLoadError):
@@ -107,8 +105,8 @@ _warned: set[tuple] = set()
 
 def component_metadata(root: Path, component: str) -> tuple[list[Path], dict[str, str]]:
     """The files of a saved component and their (identical) metadata, checked."""
-    folder = Path(root) / FOLDERS[component]
-    files = component_files(folder, FOLDERS[component])
+    folder = Path(root) / COMPONENTS[component].folder
+    files = component_files(folder, COMPONENTS[component].folder)
     first = None
     for f in files:
         meta, _ = read_header(f)
@@ -129,15 +127,14 @@ def check_folder(root: Path) -> dict:
     """Everything about a saved folder that can be checked without loading it (manifest, format version,
     each component's files and metadata, the tokenizers); returns the manifest."""
     manifest = read_manifest(root)
-    for component in FOLDERS:
+    for component in COMPONENTS:
         component_metadata(root, component)
-    for sub in TOKENIZERS:
-        if not (Path(root) / sub).is_dir():
-            raise WeightLoadError(f"missing component folder {sub}/ in {root}")
+    require_tokenizers(root)
     return manifest
 
 
-def load_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpec | None = None) -> nn.Module:
+def load_saved_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpec | None = None
+                         ) -> nn.Module:
     """Build one component from a saved folder; its quantization comes from the folder.
 
     A folder saved quantized keeps its own quantization: a `spec` that disagrees is a warning and the
@@ -166,7 +163,7 @@ def load_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpe
             warnings.warn(f"{root} is saved quantized ({saved_spec.description}): ignoring -q {spec.label}, "
                           f"the saved quantization is used", stacklevel=2)
     tensors, _ = read_lazy(files)
-    label = str(root / FOLDERS[component])
+    label = str(root / COMPONENTS[component].folder)
     shapes = {}
     for key, value in tensors.items():
         module, _, param = key.rpartition(".")
@@ -287,133 +284,6 @@ def write_atomically(out: Path, overwrite: bool, fill: Callable[[Path], None]) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _precision_name(dtype: mx.Dtype) -> str:
-    return PRECISION_NAMES[dtype]
-
-
-def save(out: str | Path, model: str, source: str | Path | None = None, quantize=None,
-         precision: str = "bfloat16", lora_paths: list[str] | None = None,
-         lora_scales: list[float] | None = None, overwrite: bool = False,
-         max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] | None = None) -> Path:
-    """Write FLUX.1-`model` (schnell | dev) from `source` (a local folder; None: the Hub) into `out`,
-    quantized with `quantize` (bits or mode; None: full precision), LoRAs merged in first.
-
-    Each component is loaded, written and released in turn. Without LoRAs it is quantized while
-    loading (peak memory: the largest quantized component plus a layer). The components LoRAs touch
-    (transformer, CLIP) are loaded in full precision, the LoRAs merged into their weights, and only
-    then quantized, layer by layer (peak: the full-precision transformer); never into quantized codes.
-    """
-    from ..pipeline.flux1 import PRECISIONS, model_spec
-
-    log = log or (lambda _msg: None)
-    alias = model_spec(model).alias
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    spec = q.parse(quantize)
-    lora_paths = [str(p) for p in (lora_paths or [])]
-    if lora_scales is not None and len(lora_scales) != len(lora_paths):
-        raise ValueError(f"got {len(lora_scales)} LoRA scale(s) for {len(lora_paths)} LoRA path(s)")
-    scales = [float(s) for s in lora_scales] if lora_scales is not None else [1.0] * len(lora_paths)
-    for p in lora_paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"LoRA file {p} does not exist")
-    out = Path(out)
-    check_output(out, overwrite, Path(source) if source is not None else None)
-
-    if source is None:
-        from .hub import download
-
-        root, source_label = download(model_spec(model).repo_id), model_spec(model).repo_id
-    else:
-        root, source_label = Path(source), str(Path(source).resolve())
-        if not root.is_dir():
-            raise FileNotFoundError(f"source {root} does not exist or is not a folder")
-    check_output(out, overwrite, root)
-    for sub in TOKENIZERS:
-        if not (root / sub).is_dir():
-            raise WeightLoadError(f"missing component folder {sub}/ in {root}")
-    if is_saved_folder(root):
-        stored = read_manifest(root).get("quantization")
-        if stored and (lora_paths or spec != q.QuantSpec.from_dict(stored)):
-            raise SaveError(f"{root} is already quantized ({q.QuantSpec.from_dict(stored).description}); "
-                            "save from the full-precision weights to change the quantization or bake LoRAs")
-
-    def fill(tmp: Path) -> None:
-        entries = {}
-        if lora_paths:
-            entries = _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales,
-                                        max_shard_bytes, log)
-        else:
-            from .folder import load_component as load_source
-
-            load = load_component if is_saved_folder(root) else load_source
-            for component in FOLDERS:
-                quantizing = spec is not None and component != "vae"
-                log(f"{component}: loading{f' and quantizing ({spec.description})' if quantizing else ''}")
-                built = load(root, component, dtype, spec)
-                entries[component] = write_component(tmp / FOLDERS[component], component, built, precision,
-                                                     max_shard_bytes)
-                del built
-                mx.clear_cache()
-        for sub in TOKENIZERS:
-            shutil.copytree(root / sub, tmp / sub)
-        write_manifest(tmp, alias, source_label, precision, spec, lora_paths, scales, entries)
-
-    log(f"writing {out}")
-    return write_atomically(out, overwrite, fill)
-
-
-def _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales, max_shard_bytes, log):
-    """Transformer and CLIP: load in full precision, merge the LoRAs into the weights (in float32, one
-    rounding to `precision`), then quantize layer by layer and write. T5 and the VAE (which LoRAs do not
-    touch) are quantized while loading. One component is in memory at a time."""
-    try:
-        from ..lora import LoRAStack, bake
-    except ImportError as e:
-        raise SaveError(f"baking LoRAs needs flux_1.lora, which is not available here ({e})") from e
-    from .folder import load_component as load_source
-
-    load = load_component if is_saved_folder(root) else load_source
-    entries = {}
-    stack = None
-    for component in ("transformer", "t5", "clip", "vae"):
-        touched = component in ("transformer", "clip")
-        model = load(root, component, dtype, None if touched else spec)
-        if component == "transformer":
-            log(f"merging {len(lora_paths)} LoRA(s) into the full-precision weights")
-            stack = LoRAStack.load(lora_paths, scales, model, None, merge=True, log=log)
-        elif component == "clip":
-            stack.apply_text_encoder(model)
-        if touched:
-            try:
-                bake(model)  # each LoRA-wrapped layer becomes its plain layer with the merged weight
-            except ValueError as e:
-                raise SaveError(f"{component}: {e}") from e
-            _check_plain(model, component)
-            plan = q.layer_plan(model, component, spec)
-            if plan:
-                log(f"{component}: quantizing {len(plan)} layers ({spec.description})")
-            q.quantize_loaded(model, plan)
-        entries[component] = write_component(tmp / FOLDERS[component], component, model, precision,
-                                             max_shard_bytes)
-        del model
-        mx.clear_cache()
-    return entries
-
-
-def _check_plain(model: nn.Module, component: str) -> None:
-    """After merging, a model must hold exactly its own parameters (no LoRA side paths left)."""
-    from .folder import MODELS
-
-    expected = {k for k, _ in tree_flatten(MODELS[component](model.params).parameters())}
-    got = {k for k, _ in tree_flatten(model.parameters())}
-    if got != expected:
-        extra = sorted(got - expected)[:4]
-        raise SaveError(f"{component}: after merging the LoRAs the model has parameters beyond its own "
-                        f"({extra} ...): LoRAs must be merged into the weights before saving")
 
 
 def write_manifest(folder: Path, alias: str, source: str, precision: str, spec: q.QuantSpec | None,

@@ -9,6 +9,7 @@ loading and from our module's shape when splitting a LoRA (`part_rows`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -41,6 +42,34 @@ def resolve(table: list[Rule], module: str) -> Resolved | None:
         if target is not None:
             return Resolved(target, rule.part, rule.parts, rule.swap_halves)
     return None
+
+
+@functools.cache
+def _inverse(rule: Rule) -> tuple[re.Pattern, str] | None:
+    r"""(regex over our names, template of the source name) of a rule whose source is a plain dotted
+    name with `(\d+)` groups; None for rules that cannot be inverted that way."""
+    count = iter(range(1, 10))
+    template = re.sub(r"\(\\d\+\)", lambda _: f"{{g{next(count)}}}", rule.source).replace(r"\.", ".")
+    if re.search(r"[\\()\[\]|*+?]", template):
+        return None
+    target = re.sub(r"\\\\(\d)", r"(?P<g\1>\\d+)", re.escape(rule.target))
+    return re.compile(target), template
+
+
+def source_names(table: list[Rule], module: str) -> list[tuple[str, Resolved]]:
+    """The inverse of `resolve`: every source module name the table maps onto our `module`, in part
+    order (one name, or the row blocks of a fused module). A name another rule shadows is left out."""
+    names = []
+    for rule in table:
+        inverse = _inverse(rule)
+        if inverse is None:
+            continue
+        pattern, template = inverse
+        if m := pattern.fullmatch(module):
+            name = template.format(**m.groupdict())
+            if resolve(table, name) == Resolved(module, rule.part, rule.parts, rule.swap_halves):
+                names.append((name, Resolved(module, rule.part, rule.parts, rule.swap_halves)))
+    return sorted(names, key=lambda n: n[1].part)
 
 
 def part_rows(target: str, out_features: int, in_features: int, parts: int) -> list[int]:

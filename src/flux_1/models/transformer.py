@@ -215,7 +215,6 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
         super().__init__()
         self.num_heads = num_heads
-        self.dim = dim
         self.linear1 = nn.Linear(dim, 3 * dim + mlp_hidden)  # q | k | v | mlp
         self.linear2 = nn.Linear(dim + mlp_hidden, dim)  # attn | gelu(mlp) -> out
         self.norm = QKNorm(dim // num_heads)

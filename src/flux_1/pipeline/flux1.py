@@ -13,35 +13,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import quantization as q
-from ..loading import folder as loader
+from ..components import default_precision, precision_dtype, require_tokenizers
+from ..loading import load_component
 from . import sampler
-
-PRECISIONS = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    alias: str
-    repo_id: str
-    default_steps: int
-    max_sequence_length: int  # T5 tokens, as in the reference pipelines
-
-
-MODELS = {
-    "schnell": ModelSpec("schnell", "black-forest-labs/FLUX.1-schnell", 4, 256),
-    "dev": ModelSpec("dev", "black-forest-labs/FLUX.1-dev", 25, 512),
-}
-
-
-def model_spec(alias: str) -> ModelSpec:
-    if alias not in MODELS:
-        raise ValueError(f"unknown model {alias!r}: choose one of {', '.join(MODELS)}")
-    return MODELS[alias]
-
-
-def default_precision() -> str:
-    # bfloat16 matmuls are slow on the CPU backend; float32 is the CPU default.
-    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
+from .variants import Variant, variant
 
 
 @dataclass
@@ -96,15 +71,13 @@ class Flux1:
     or denoising) rather than the sum of all models.
     """
 
-    def __init__(self, root: Path, spec: ModelSpec, precision: str | None = None,
+    def __init__(self, root: Path, variant: Variant, precision: str | None = None,
                  quantize: int | str | None = None, low_memory: bool = False,
                  lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
                  lora_merge: bool = True):
         precision = precision or default_precision()
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-        self.root, self.spec, self.precision = Path(root), spec, precision
-        self.dtype = PRECISIONS[precision]
+        self.dtype = precision_dtype(precision)
+        self.root, self.variant, self.precision = Path(root), variant, precision
         self.low_memory = low_memory
         self.lora_merge = lora_merge
         self.timings: dict[str, float] = {}
@@ -134,9 +107,10 @@ class Flux1:
         t0 = time.perf_counter()
         self._transformer = self._load("transformer")
         self.timings["load_transformer"] = time.perf_counter() - t0
-        if self.spec.alias == "schnell" and self._transformer.params.guidance_embed:
-            warnings.warn(f"{self.root} holds a guidance-distilled (dev) transformer; loaded as 'schnell'",
-                          stacklevel=3)
+        has_guidance = self._transformer.params.guidance_embed
+        if has_guidance != self.variant.guidance_distilled:
+            holds = "a guidance-distilled (dev-like)" if has_guidance else "a schnell-like (no guidance embedder)"
+            warnings.warn(f"{self.root} holds {holds} transformer; loaded as {self.variant.alias!r}", stacklevel=3)
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -144,29 +118,25 @@ class Flux1:
     def from_alias(cls, alias: str, path: str | Path | None = None, quantize: int | str | None = None,
                    lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
                    precision: str | None = None, low_memory: bool = False, lora_merge: bool = True) -> Flux1:
-        spec = model_spec(alias)
+        facts = variant(alias)
         if path is None:
             from ..loading.hub import download
 
-            root = download(spec.repo_id)
+            root = download(facts.repo_id)
         else:
             root = Path(path)
             if not root.is_dir():
                 raise FileNotFoundError(f"model path {root} does not exist or is not a folder")
-        return cls(root, spec, precision=precision, quantize=quantize, low_memory=low_memory,
+        return cls(root, facts, precision=precision, quantize=quantize, low_memory=low_memory,
                    lora_paths=lora_paths, lora_scales=lora_scales, lora_merge=lora_merge)
 
     def _load(self, component: str):
-        from ..loading import saved
-
-        if saved.is_saved_folder(self.root):
-            return saved.load_component(self.root, component, self.dtype, self.quant_spec)
-        return loader.load_component(self.root, component, self.dtype, self.quant_spec)
+        return load_component(self.root, component, self.dtype, self.quant_spec)
 
     def _load_text_encoders(self):
         from transformers import CLIPTokenizer, T5TokenizerFast
 
-        loader.require_tokenizers(self.root)
+        require_tokenizers(self.root)
         self.clip_tokenizer = CLIPTokenizer.from_pretrained(str(self.root / "tokenizer"))
         self.t5_tokenizer = T5TokenizerFast.from_pretrained(str(self.root / "tokenizer_2"))
         self.clip = self._load("clip")
@@ -237,7 +207,7 @@ class Flux1:
             self._load_text_encoders()
         clip_ids = self.clip_tokenizer(prompt, padding="max_length", max_length=self.clip_tokenizer.model_max_length,
                                        truncation=True, return_tensors="np").input_ids
-        t5_ids = self.t5_tokenizer(prompt, padding="max_length", max_length=self.spec.max_sequence_length,
+        t5_ids = self.t5_tokenizer(prompt, padding="max_length", max_length=self.variant.max_sequence_length,
                                    truncation=True, return_tensors="np").input_ids
         _, pooled = self.clip(mx.array(clip_ids.astype(np.int32)))
         txt = self.t5(mx.array(t5_ids.astype(np.int32)))
@@ -251,7 +221,7 @@ class Flux1:
     def generate_image(self, seed: int, prompt: str, config: Config | None = None,
                        latents=None, progress: bool = True) -> GeneratedImage:
         config = config or Config()
-        steps = config.num_inference_steps or self.spec.default_steps
+        steps = config.num_inference_steps or self.variant.default_steps
         h, w = config.height, config.width
         rows, cols = sampler.latent_grid(h, w)
         timings = {}
@@ -289,7 +259,7 @@ class Flux1:
         timings["decoding"] = time.perf_counter() - t0
         return GeneratedImage(
             image=Image.fromarray(pixels), seed=seed, prompt=prompt, config=Config(steps, h, w, config.guidance),
-            model=self.spec.alias, precision=self.precision, quantization=self.quantization,
+            model=self.variant.alias, precision=self.precision, quantization=self.quantization,
             loras=self.lora_info(), timings=timings,
         )
 

@@ -45,16 +45,9 @@ def latent_grid(height: int, width: int) -> tuple[int, int]:
     return height // (VAE_FACTOR * PATCH), width // (VAE_FACTOR * PATCH)
 
 
-def pack(latents: mx.array) -> mx.array:
-    """(B, h, w, C) channels-last latents -> (B, h/2 * w/2, C*4) tokens, channel-major per patch
-    (the diffusers packed layout: index c*4 + dy*2 + dx)."""
-    B, h, w, C = latents.shape
-    x = latents.reshape(B, h // 2, 2, w // 2, 2, C).transpose(0, 1, 3, 5, 2, 4)
-    return x.reshape(B, (h // 2) * (w // 2), C * 4)
-
-
 def unpack(tokens: mx.array, height: int, width: int) -> mx.array:
-    """Inverse of `pack` for an image of height x width pixels -> (B, h, w, C) channels-last."""
+    """(B, h/2 * w/2, C*4) packed tokens (diffusers' layout: index c*4 + dy*2 + dx per 2x2 patch) of an
+    image of height x width pixels -> (B, h, w, C) channels-last latents."""
     rows, cols = latent_grid(height, width)
     B, _, D = tokens.shape
     C = D // 4
