@@ -330,6 +330,40 @@ def test_loras_are_merged_into_full_precision_weights_then_quantized(tiny_schnel
     assert np.abs(image(tiny_schnell).astype(float) - runtime).mean() > 1.0  # the LoRA does something
 
 
+@pytest.mark.parametrize("scale", [1e39, -1e39])  # finite numbers, but the merged weights overflow
+def test_lora_that_overflows_is_refused_and_nothing_is_written(tiny_schnell, tmp_path, scale):
+    lora = tmp_path / "style.safetensors"
+    write_lora(lora)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="overflow|not finite"):
+        save_model(out, "schnell", source=tiny_schnell, precision="bfloat16", lora_paths=[lora], lora_scales=[scale])
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("quantize", [None, 8])
+def test_non_finite_merged_weight_is_never_written(tiny_schnell, tmp_path, monkeypatch, quantize):
+    """Whatever the LoRA checks let through, a non-finite weight after merging stops the save, by name."""
+    lora = tmp_path / "style.safetensors"
+    write_lora(lora)
+    real = flux_1.pipeline.save_model.bake
+
+    def bake_inf(model):
+        n = real(model)
+        if hasattr(model, "double_blocks"):
+            w = model.double_blocks[0].img_attn.proj.weight
+            model.double_blocks[0].img_attn.proj.weight = mx.where(mx.arange(w.size).reshape(w.shape) == 5,
+                                                                    mx.array(float("inf"), w.dtype), w)
+        return n
+
+    monkeypatch.setattr(flux_1.pipeline.save_model, "bake", bake_inf)
+    out = tmp_path / "out"
+    with pytest.raises(saved.SaveError, match=r"transformer: 'double_blocks.0.img_attn.proj.weight' is not finite "
+                                              r"after merging the LoRAs \(it overflows float32"):
+        save_model(out, "schnell", source=tiny_schnell, precision="float32", quantize=quantize,
+                   lora_paths=[lora], lora_scales=[0.5])
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
 def test_check_folder(fixture_copy):
     assert saved.check_folder(fixture_copy)["model"] == "schnell"
     shutil.rmtree(fixture_copy / "tokenizer_2")

@@ -6,7 +6,6 @@ only orchestrates, one component in memory at a time. Used by `flux1-save` (cli/
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ..loading.saved import (
     MAX_SHARD_BYTES,
     SaveError,
     check_output,
+    copy_folder,
     is_saved_folder,
     read_manifest,
     write_atomically,
@@ -55,7 +55,7 @@ def save_model(out: str | Path, model: str, source: str | Path | None = None, qu
         if not Path(p).is_file():
             raise FileNotFoundError(f"LoRA file {p} does not exist")
     out = Path(out)
-    check_output(out, overwrite, Path(source) if source is not None else None)
+    check_output(out, overwrite, Path(source) if source is not None else None, log=log)
 
     if source is None:
         from ..loading.hub import download
@@ -88,11 +88,11 @@ def save_model(out: str | Path, model: str, source: str | Path | None = None, qu
                 del built
                 mx.clear_cache()
         for sub in TOKENIZERS:
-            shutil.copytree(root / sub, tmp / sub)
+            copy_folder(root / sub, tmp / sub)
         write_manifest(tmp, alias, source_label, precision, spec, lora_paths, scales, entries)
 
     log(f"writing {out}")
-    return write_atomically(out, overwrite, fill)
+    return write_atomically(out, overwrite, fill, log=log)
 
 
 def _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales, max_shard_bytes, log):
@@ -115,10 +115,12 @@ def _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales, max
             except ValueError as e:
                 raise SaveError(f"{component}: {e}") from e
             _check_plain(model, component)
+            _check_finite(model, component, precision, "after merging the LoRAs")
             plan = q.layer_plan(model, component, spec)
             if plan:
                 log(f"{component}: quantizing {len(plan)} layers ({spec.description})")
-            q.quantize_loaded(model, plan)
+                q.quantize_loaded(model, plan)
+                _check_finite(model, component, precision, "after quantizing the merged weights")
         entries[component] = write_component(tmp / COMPONENTS[component].folder, component, model, precision,
                                              max_shard_bytes)
         del model
@@ -134,3 +136,12 @@ def _check_plain(model: nn.Module, component: str) -> None:
         extra = sorted(got - expected)[:4]
         raise SaveError(f"{component}: after merging the LoRAs the model has parameters beyond its own "
                         f"({extra} ...): LoRAs must be merged into the weights before saving")
+
+
+def _check_finite(model: nn.Module, component: str, precision: str, when: str) -> None:
+    """Refuse to write a non-finite parameter: a LoRA at an extreme scale can overflow `precision`, and
+    an inf or NaN saved into the folder would spoil every image made from it, for good."""
+    for key, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+            raise SaveError(f"{component}: '{key}' is not finite {when} (it overflows {precision}: a LoRA "
+                            f"scale too large?); nothing was saved")
