@@ -4,11 +4,10 @@
 import sys
 from pathlib import Path
 
-try:
-    from flux_1.cli.compare import main
-except ModuleNotFoundError:  # a plain checkout, not installed: use src/
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-    from flux_1.cli.compare import main
+# This checkout's src/ first: the script runs the code beside it, installed or not, with no PYTHONPATH.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from flux_1.cli.compare import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,12 @@
-from flux_1.cli.main import main
+"""`python main.py --model schnell --prompt P`: see flux_1.cli.main (also the `flux1-generate` script)."""
+
+import sys
+from pathlib import Path
+
+# This checkout's src/ first: the script runs the code beside it, installed or not, with no PYTHONPATH.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from flux_1.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

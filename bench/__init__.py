@@ -15,3 +15,4 @@ try:  # an installed flux_1 (pip install -e .) wins; a plain checkout works too
     import flux_1  # noqa: F401
 except ImportError:  # pragma: no cover - depends on how the repo was set up
     sys.path.insert(0, str(_ROOT / "src"))
+    import flux_1  # noqa: F401  (loads the optimised BLAS before anything imports mlx)

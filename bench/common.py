@@ -53,9 +53,11 @@ def rss_peak_gb() -> float | None:
 
 
 def openblas_preloaded() -> bool:
-    """Whether an OpenBLAS was preloaded for MLX's CPU GEMMs (LD_PRELOAD; numpy's own bundled OpenBLAS,
-    also mapped in this process, does not count: MLX does not use it)."""
-    return "openblas" in os.environ.get("LD_PRELOAD", "").lower()
+    """Whether MLX's CPU GEMMs run on an OpenBLAS (flux_1.backend loads one before mlx; numpy's own
+    bundled OpenBLAS, also mapped in this process, does not count: MLX does not use it)."""
+    from flux_1.backend import blas_info
+
+    return blas_info().startswith("OpenBLAS")
 
 
 def cpu_name() -> str:

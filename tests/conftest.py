@@ -25,6 +25,7 @@ for _path in (REPO / "src", REPO):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+import flux_1  # noqa: E402,F401  (first, before any test imports mlx: one BLAS for the whole run)
 from tests.fixtures.make_tiny_checkpoints import write_tiny_flux  # noqa: E402
 from tests.helpers import has_torch_references, rel_err  # noqa: E402,F401
 

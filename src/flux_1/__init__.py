@@ -1,6 +1,12 @@
 """FLUX.1 in MLX."""
 
-from .pipeline.flux1 import Config, Flux1, GeneratedImage
+# Before anything imports mlx: on Linux's CPU backend this loads an OpenBLAS for MLX's matrix products
+# (see backend.py; FLUX1_BLAS=off keeps MLX's bundled BLAS). Every entry point imports this package first.
+from .backend import select_blas
+
+select_blas()
+
+from .pipeline.flux1 import Config, Flux1, GeneratedImage  # noqa: E402  (after select_blas: it imports mlx)
 
 __all__ = ["Config", "Flux1", "GeneratedImage"]
 __version__ = "0.1.0"

@@ -1,0 +1,231 @@
+"""A fast BLAS for MLX's CPU backend on Linux, and a quiet transformers import.
+
+The Linux mlx wheel (`mlx-cpu`) links a bundled reference BLAS: float32 matrix products run at a few
+GFLOP/s, 10-30x slower than OpenBLAS. libmlx.so calls `cblas_sgemm` through the dynamic linker, which
+binds it to the first definition in the process' global scope before looking at libmlx's own
+dependencies. So an OpenBLAS loaded with RTLD_GLOBAL before mlx is imported takes over every matrix
+product. `select_blas()` does that once; `flux_1/__init__.py` calls it before anything imports mlx.
+
+`FLUX1_BLAS` (environment variable) steers it:
+
+- unset or `auto`: the first OpenBLAS that loads: the `ngsolve-openblas` wheel (the `cpu` extra
+  installs it on x86-64 Linux), then the system's (`libopenblasp.so.0`, `libopenblas.so.0`);
+- `off` (or `0`, `no`, `none`, `false`): keep MLX's bundled BLAS;
+- a path or library name: load that library instead (a warning, not an error, when it cannot be used).
+
+Nothing is loaded on macOS (Metal and Accelerate), with a CUDA mlx build (matrix products run on the
+GPU), or when mlx was imported before flux_1 (its symbols are already bound). `blas_info()` says which
+BLAS MLX's CPU backend uses, and why when it is the slow one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import importlib.metadata
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV = "FLUX1_BLAS"
+OFF = ("off", "0", "no", "none", "false")
+AUTO = ("", "auto", "on")
+SYMBOL = "cblas_sgemm"  # the one BLAS entry point libmlx.so imports (float32 GEMM)
+
+# (distribution, file pattern): OpenBLAS wheels whose symbols are not renamed, so they can stand in for
+# MLX's. Not cmeel-openblas: it is built for one CPU (SKYLAKEX on x86-64, NEOVERSEN2 on arm64, so it
+# dies with SIGILL elsewhere) and capped at 4 threads. Not scipy-openblas32/64: every symbol carries a
+# `scipy_` prefix, so they cannot replace `cblas_sgemm`.
+WHEELS = (("ngsolve-openblas", "ngsolve_openblas/libopenblas*.so*"),)
+# Linked by name, so the dynamic linker's own search (ld.so.cache, default folders) finds them. Fedora's
+# threaded build is libopenblasp; Debian and Ubuntu point libopenblas.so.0 at their choice of build.
+SYSTEM_LIBRARIES = ("libopenblasp.so.0", "libopenblas.so.0")
+CUDA_DISTRIBUTIONS = ("mlx-cuda-12", "mlx-cuda-13", "mlx-cuda")
+INSTALL_HINT = ("install the `cpu` extra (ngsolve-openblas, x86-64; it needs libgfortran5) or a system "
+                "OpenBLAS (apt-get install libopenblas0-pthread)")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What `select_blas` did: the library it loaded and from where, or why it loaded none."""
+
+    library: str | None = None  # path or name given to the dynamic linker
+    source: str = ""  # "ngsolve-openblas wheel", "system", "FLUX1_BLAS", "preloaded"
+    note: str = ""  # why nothing was loaded (or what failed on the way)
+    cpu_backend: bool = True  # False where MLX's matrix products do not run on the CPU BLAS
+    hint: bool = True  # whether blas_info suggests installing an OpenBLAS (not when switched off)
+
+
+_selection: Selection | None = None
+
+
+# -- the dynamic linker -------------------------------------------------------------------------------------
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def symbol_provider(name: str = SYMBOL) -> str | None:
+    """The file that defines `name` first in the process' global scope, or None when nothing there does.
+
+    This is what libmlx.so binds `name` to when it is loaded: the global scope (the executable, what
+    it links, and libraries loaded RTLD_GLOBAL) is searched before libmlx's own bundled BLAS. Checking
+    it needs no timing.
+    """
+    process = ctypes.CDLL(None)
+    try:
+        address = ctypes.cast(getattr(process, name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+    try:
+        dladdr = process.dladdr
+    except AttributeError:  # glibc < 2.34 keeps dladdr in libdl
+        dladdr = ctypes.CDLL("libdl.so.2").dladdr
+    info = _DlInfo()
+    if not dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
+
+
+def _load_global(library: str) -> str | None:
+    """Load `library` with RTLD_GLOBAL; the dynamic linker's error, shortened, when it cannot."""
+    try:
+        ctypes.CDLL(library, mode=os.RTLD_GLOBAL)
+    except OSError as e:
+        message = str(e)
+        if "libgfortran.so.5" in message:
+            return "needs libgfortran.so.5 (package libgfortran5 on Debian/Ubuntu, libgfortran on Fedora)"
+        return message
+    return None
+
+
+# -- choosing ----------------------------------------------------------------------------------------------
+
+
+def _distribution(name: str) -> importlib.metadata.Distribution | None:
+    try:
+        return importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def candidates() -> list[tuple[str, str]]:
+    """(source, library) pairs to try, best first: the OpenBLAS wheels installed, then the system's."""
+    found = []
+    for name, pattern in WHEELS:
+        dist = _distribution(name)
+        if dist is not None:
+            found += [(f"{name} wheel", str(dist.locate_file(f)))
+                      for f in dist.files or [] if fnmatch.fnmatch(str(f), pattern)]
+    return found + [("system", name) for name in SYSTEM_LIBRARIES]
+
+
+def _choose(setting: str) -> Selection:
+    if setting.lower() in OFF:
+        return Selection(note=f"{ENV}={setting}", hint=False)
+    explicit = setting.lower() not in AUTO
+    if not sys.platform.startswith("linux"):
+        if explicit:
+            warnings.warn(f"{ENV}={setting} is ignored: only Linux uses it", RuntimeWarning, stacklevel=3)
+        return Selection(note="MLX's default for this platform (Metal and Accelerate on macOS)", cpu_backend=False)
+    if "mlx.core" in sys.modules:  # libmlx.so is loaded and bound: a library loaded now changes nothing
+        if explicit:
+            warnings.warn(f"{ENV}={setting} is ignored: mlx was imported before flux_1", RuntimeWarning,
+                          stacklevel=3)
+        return Selection(note="mlx was imported before flux_1, too late to switch (import flux_1 first)",
+                         hint=False)
+    preloaded = symbol_provider()
+    if preloaded is not None:  # LD_PRELOAD, or a library the program loaded itself: already in charge
+        if explicit:
+            warnings.warn(f"{ENV}={setting} is ignored: {preloaded} already provides {SYMBOL} (LD_PRELOAD?)",
+                          RuntimeWarning, stacklevel=3)
+        return Selection(library=preloaded, source="preloaded")
+    if explicit:
+        return _load_explicit(setting)
+    cuda = next((name for name in CUDA_DISTRIBUTIONS if _distribution(name) is not None), None)
+    if cuda is not None:
+        return Selection(note=f"{cuda} is installed: matrix products run on the GPU", cpu_backend=False)
+    failures = []
+    for source, library in candidates():
+        problem = _load_global(library)
+        if problem is None and symbol_provider() is not None:
+            return Selection(library=library, source=source)
+        if source != "system" or "cannot open shared object file" not in (problem or ""):
+            failures.append(f"{Path(library).name if source == 'system' else source}: {problem or f'no {SYMBOL}'}")
+    return Selection(note="; ".join(failures) or "no OpenBLAS found")
+
+
+def _load_explicit(library: str) -> Selection:
+    problem = _load_global(library)
+    if problem is None and symbol_provider() is None:
+        problem = f"it does not define {SYMBOL}"
+    if problem is not None:
+        warnings.warn(f"{ENV}={library} cannot be used ({problem}); MLX keeps its bundled BLAS",
+                      RuntimeWarning, stacklevel=4)
+        return Selection(note=f"{ENV}={library} could not be used: {problem}")
+    return Selection(library=library, source=ENV)
+
+
+def select_blas() -> Selection:
+    """Load a fast BLAS for MLX's CPU backend (see the module docstring); only the first call acts."""
+    global _selection
+    if _selection is None:
+        _selection = _choose(os.environ.get(ENV, "").strip())
+    return _selection
+
+
+# -- reporting ---------------------------------------------------------------------------------------------
+
+
+def _describe(path: str) -> str:
+    """Like "OpenBLAS 0.3.33, Haswell kernels, 16 threads" for an OpenBLAS (it answers these calls)."""
+    lib = ctypes.CDLL(path)  # already loaded: this only finds it
+    try:
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        version = lib.openblas_get_config().decode().split()[:2]
+        core = lib.openblas_get_corename().decode()
+        threads = lib.openblas_get_num_threads()
+    except AttributeError:
+        return f"{SYMBOL} from {Path(path).name}"
+    return f"{' '.join(version)}, {core} kernels, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def blas_info() -> str:
+    """Which BLAS MLX's CPU backend uses for matrix products, in one line (`flux1-generate -v` prints it)."""
+    selection = select_blas()
+    if not selection.cpu_backend:
+        return selection.note
+    provider = symbol_provider() if sys.platform.startswith("linux") else None
+    if provider is None:
+        text = "MLX's bundled reference BLAS, slow for float32 matrix products"
+        text += f": {selection.note}" if selection.note else ""
+        return text + (f". Faster: {INSTALL_HINT}" if selection.hint else "")
+    return f"{_describe(provider)} ({selection.source or 'loaded'}, {provider})"
+
+
+# -- transformers ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Import transformers without its "PyTorch was not found" advice: we only use its tokenizers, which
+    need no torch. transformers prints that advice while it is imported, unless
+    TRANSFORMERS_NO_ADVISORY_WARNINGS is set; the variable is restored afterwards, so later advice
+    (and a user's own setting) is untouched."""
+    key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
