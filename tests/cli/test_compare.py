@@ -15,33 +15,11 @@ from flux_1.cli import compare
 from flux_1.cli.compare import main
 from flux_1.pipeline import flux1
 from flux_1.pipeline.metadata import read_png_metadata
-from tests.cli.common import assert_refused, pixels, run_main
+from tests.cli.common import HIDDEN, assert_refused, pixels, run_main, write_lora
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a fox in the snow"
-HIDDEN, MLP = 64, 256  # the tiny transformer (tests/fixtures/make_tiny_checkpoints.py)
-CLIP_HIDDEN = 64
 W, H = 64, 32
-
-
-def write_lora(path: Path, seed: int = 0, rank: int = 4, std: float = 0.4, clip: bool = False) -> Path:
-    """A diffusers/PEFT-format LoRA for the tiny transformer (double block 0 attention, single block 0 MLP),
-    with deltas large enough to change the pixels; `clip` adds one CLIP attention projection."""
-    rng = np.random.default_rng(seed)
-    tensors = {}
-
-    def pair(stem: str, out: int, inp: int):
-        tensors[f"{stem}.lora_A.weight"] = (std * rng.standard_normal((rank, inp))).astype(np.float32)
-        tensors[f"{stem}.lora_B.weight"] = (std * rng.standard_normal((out, rank))).astype(np.float32)
-
-    for part in ("to_q", "to_k", "to_v"):
-        pair(f"transformer.transformer_blocks.0.attn.{part}", HIDDEN, HIDDEN)
-    pair("transformer.transformer_blocks.0.attn.to_out.0", HIDDEN, HIDDEN)
-    pair("transformer.single_transformer_blocks.0.proj_mlp", MLP, HIDDEN)
-    if clip:
-        pair("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", CLIP_HIDDEN, CLIP_HIDDEN)
-    save_file(tensors, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,11 @@ from flux_1.loading.hub import HubError
 from flux_1.loading.weights import WeightLoadError
 from flux_1.pipeline import flux1
 from flux_1.pipeline.metadata import read_png_metadata
-from tests.cli.common import assert_refused, pixels, run_main
+from tests.cli.common import assert_refused, pixels, run_main, write_lora
 
 REPO = Path(__file__).resolve().parents[2]
+SAVED = REPO / "tests" / "fixtures" / "saved_v1"
+BAD_PROMPT = b"a fox \xff".decode("utf-8", "surrogateescape")  # what argv gives for non-UTF-8 bytes
 
 
 def fast(ckpt, *extra) -> list[str]:
@@ -199,7 +201,46 @@ BAD_INPUTS = {
     "output under a file": (lambda c, t: with_args(c, output=c / "model_index.json" / "x.png"),
                             ["model_index.json", "not a folder"]),
     "unknown precision": (lambda c, t: with_args(c, precision="float8"), ["--precision", "'float8'"]),
+    "nan guidance": (lambda c, t: with_args(c, guidance="nan"), ["--guidance", "nan", "finite"]),
+    "inf guidance": (lambda c, t: with_args(c, guidance="inf"), ["--guidance", "inf", "finite"]),
+    "nan lora scale": (lambda c, t: with_args(c, lora_paths=write_lora(t / "l.safetensors"), lora_scales="nan"),
+                       ["--lora-scales", "nan", "finite"]),
+    "huge steps": (lambda c, t: with_args(c, steps=10**9), ["--steps", "at most 10000"]),
+    "huge width": (lambda c, t: with_args(c, width=2**63), ["--width", "at most 65536"]),
+    "size beyond memory": (lambda c, t: with_args(c, width=65536, height=65536),
+                           ["65536x65536 needs about", "GiB", "smaller size"]),
+    "undecodable prompt": (lambda c, t: with_args(c, prompt=BAD_PROMPT), ["--prompt", "not valid UTF-8"]),
+    "foreign lora": (lambda c, t: with_args(c, lora_paths=sdxl_lora(t)), ["sdxl.safetensors", "not a FLUX.1"]),
+    "lora shape mismatch": (lambda c, t: with_args(c, lora_paths=misshapen_lora(t)),
+                            ["misshapen.safetensors", "shape"]),
+    "corrupt saved shard": (lambda c, t: with_args(c, path=corrupt_saved(t)), ["model.safetensors", "header"]),
 }
+
+
+def sdxl_lora(t: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{stem}.lora_down.weight": np.zeros((4, 8), np.float32),
+               f"{stem}.lora_up.weight": np.zeros((8, 4), np.float32)}, str(t / "sdxl.safetensors"))
+    return t / "sdxl.safetensors"
+
+
+def misshapen_lora(t: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    stem = "transformer.transformer_blocks.0.attn.to_q"
+    save_file({f"{stem}.lora_A.weight": np.zeros((4, 99), np.float32),
+               f"{stem}.lora_B.weight": np.zeros((64, 4), np.float32)}, str(t / "misshapen.safetensors"))
+    return t / "misshapen.safetensors"
+
+
+def corrupt_saved(t: Path) -> Path:
+    root = Path(shutil.copytree(SAVED, t / "saved"))
+    # A header length, then no JSON. (An all-0xff length currently escapes read_header as an
+    # OverflowError: reported to the loading/ owner.)
+    (root / "transformer" / "model.safetensors").write_bytes((16).to_bytes(8, "little") + b"not json at all!")
+    return root
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
@@ -233,3 +274,70 @@ def test_errors_while_loading_exit_cleanly(tiny_schnell, tmp_path, capsys, monke
     code, _, stderr = run(fast(tiny_schnell, "--output", tmp_path / "out" / "x.png"), capsys)
     assert code == 1 and "error: transformer: 'img_in.weight'" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- issue #9: output folders, atomic sidecars, early warnings, -v --------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["trailing slash", "existing folder"])
+def test_output_folder_gets_the_default_name(tiny_schnell, tmp_path, capsys, kind):
+    folder = tmp_path / "renders"
+    if kind == "existing folder":
+        folder.mkdir()
+    out = str(folder) + ("/" if kind == "trailing slash" else "")
+    assert run(with_args(tiny_schnell, seed=5, output=out), capsys)[0] == 0
+    assert [p.name for p in folder.iterdir()] == ["flux_5.png"]
+    assert not (tmp_path / "renders.png").exists()
+
+
+def test_full_disk_on_the_sidecar_writes_nothing(tiny_schnell, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from flux_1.pipeline import metadata
+
+    original = metadata._claim
+
+    def claim(tmp, target):
+        if target.suffix == ".json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(tmp, target)
+
+    monkeypatch.setattr(metadata, "_claim", claim)
+    code, stdout, stderr = run(with_args(tiny_schnell, seed=1, metadata=[], output=tmp_path / "o.png"), capsys)
+    assert code == 1 and "error: [Errno 28] No space left on device" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dev_on_schnell_weights_warns_before_generating(tiny_schnell, tmp_path, capsys):
+    code, stdout, stderr = run(with_args(tiny_schnell, model="dev", seed=1, output=tmp_path / "d.png"), capsys)
+    assert code == 0
+    assert "schnell-like (no guidance embedder) transformer; loaded as 'dev': guidance is ignored" in stderr
+    assert stderr.index("guidance is ignored") < stderr.index("loading transformer")
+    meta = read_png_metadata(tmp_path / "d.png")
+    assert meta["flux_1"]["guidance"] is None and "Distilled CFG" not in meta["parameters"]
+
+
+def test_progress_for_every_stage_and_blas_line_with_verbose(tiny_schnell, tmp_path, capsys):
+    code, stdout, stderr = run(with_args(tiny_schnell, seed=1, v=[], output=tmp_path / "v.png"), capsys)
+    assert code == 0
+    assert "BLAS" in stdout.splitlines()[0]
+    for stage in ("loading vae", "loading clip", "loading t5", "loading transformer", "text encoding",
+                  "denoising", "decoding"):
+        assert stage in stderr
+
+
+def test_lora_with_generate_is_applied_and_staged(tiny_schnell, tmp_path, capsys):
+    lora = write_lora(tmp_path / "style.safetensors", clip=True)
+    code, stdout, stderr = run(with_args(tiny_schnell, seed=1, lora_paths=lora, output=tmp_path / "l.png"), capsys)
+    assert code == 0
+    assert stderr.index("loading t5") < stderr.index("text encoding") < stderr.index("loading transformer")
+    assert read_png_metadata(tmp_path / "l.png")["flux_1"]["loras"][0]["name"] == "style"
+
+
+def test_undecodable_argv_prompt_subprocess(tiny_schnell, tmp_path):
+    argv = [sys.executable, str(REPO / "main.py"), *with_args(tiny_schnell, output=tmp_path / "x.png")]
+    argv[argv.index("a fox in the snow")] = "a fox \udcff"
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([os.fsencode(a) for a in argv], capture_output=True, env=env, timeout=300)
+    assert r.returncode == 2 and b"not valid UTF-8" in r.stderr and b"Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir())

@@ -98,3 +98,32 @@ def test_root_script_help():
                             cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--overwrite" in result.stdout and "mxfp4" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["nan scale", "foreign lora", "misshapen lora"])
+def test_bad_loras_are_refused_before_loading(case, tiny_schnell, tmp_path, capsys, monkeypatch):
+    from safetensors.numpy import save_file
+
+    from flux_1.pipeline import save_model
+    from tests.cli.common import write_lora
+
+    monkeypatch.setattr(save_model, "save_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    lora, extra, expected = tmp_path / "l.safetensors", [], ""
+    if case == "nan scale":
+        write_lora(lora)
+        extra, expected = ["--lora-scales", "nan"], "--lora-scales #1 (for "
+    elif case == "foreign lora":
+        stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+        save_file({f"{stem}.lora_down.weight": np.zeros((4, 8), np.float32),
+                   f"{stem}.lora_up.weight": np.zeros((8, 4), np.float32)}, str(lora))
+        expected = "not a FLUX.1 LoRA"
+    else:
+        stem = "transformer.transformer_blocks.0.attn.to_q"
+        save_file({f"{stem}.lora_A.weight": np.zeros((4, 99), np.float32),
+                   f"{stem}.lora_B.weight": np.zeros((64, 4), np.float32)}, str(lora))
+        expected = "shape"
+    out = tmp_path / "out"
+    code, _, err = run(["--model", "schnell", "--path", out, "--source", tiny_schnell, "--lora-paths", lora,
+                        *extra], capsys)
+    assert code in (1, 2) and expected in err and "Traceback" not in err
+    assert not out.exists()

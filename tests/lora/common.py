@@ -2,77 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from safetensors.numpy import save_file
 
+from flux_1.models.clip import CLIPParams, CLIPTextModel
+from flux_1.models.transformer import FluxParams, FluxTransformer
+
 D, MLP, IN, CTX, VEC, TIME = 32, 64, 8, 16, 12, 16  # tiny transformer sizes
 CLIP_D, CLIP_MLP = 16, 32
 
-try:
-    from flux_1.models.transformer import FluxParams, FluxTransformer
-except ImportError:  # the stub below mirrors its module names
-    FluxTransformer = None
-
-try:
-    from flux_1.models.clip import CLIPParams, CLIPTextModel
-except ImportError:
-    CLIPTextModel = None
-
-
-class _Node(nn.Module):
-    def __init__(self, **children):
-        super().__init__()
-        for k, v in children.items():
-            setattr(self, k, v)
-
-
-def _stub_transformer(guidance: bool) -> nn.Module:
-    L = nn.Linear
-    mlp = lambda a, b: _Node(layers=[L(a, b), nn.GELU(), L(b, a)])  # noqa: E731
-    emb = lambda a: _Node(in_layer=L(a, D), out_layer=L(D, D))  # noqa: E731
-    attn = lambda: _Node(qkv=L(D, 3 * D), proj=L(D, D))  # noqa: E731
-    double = _Node(
-        img_mod=_Node(lin=L(D, 6 * D)), img_attn=attn(), img_mlp=mlp(D, MLP),
-        txt_mod=_Node(lin=L(D, 6 * D)), txt_attn=attn(), txt_mlp=mlp(D, MLP),
-    )  # fmt: skip
-    single = _Node(linear1=L(D, 3 * D + MLP), linear2=L(D + MLP, D), modulation=_Node(lin=L(D, 3 * D)))
-    final = _Node(adaLN_modulation=_Node(layers=[nn.SiLU(), L(D, 2 * D)]), linear=L(D, IN))
-    extra = {"guidance_in": emb(TIME)} if guidance else {}
-    return _Node(img_in=L(IN, D), time_in=emb(TIME), vector_in=emb(VEC), txt_in=L(CTX, D), **extra,
-                 double_blocks=[double], single_blocks=[single], final_layer=final)  # fmt: skip
 
 
 def tiny_transformer(guidance: bool = True) -> nn.Module:
-    """One double and one single block; the real FluxTransformer when importable."""
+    """One double and one single block."""
     mx.random.seed(0)
-    if FluxTransformer is not None:
-        sizes = dict(
-            in_channels=IN, context_dim=CTX, vec_dim=VEC, hidden_size=D, mlp_hidden=MLP, time_dim=TIME
-        )
-        model = FluxTransformer(
-            FluxParams(**sizes, num_heads=1, depth=1, depth_single=1, guidance_embed=guidance)
-        )
-    else:
-        model = _stub_transformer(guidance)
+    sizes = dict(in_channels=IN, context_dim=CTX, vec_dim=VEC, hidden_size=D, mlp_hidden=MLP, time_dim=TIME)
+    model = FluxTransformer(FluxParams(**sizes, num_heads=1, depth=1, depth_single=1, guidance_embed=guidance))
     mx.eval(model.parameters())
     return model
 
 
 def tiny_clip() -> nn.Module:
     mx.random.seed(1)
-    if CLIPTextModel is not None:
-        model = CLIPTextModel(CLIPParams(vocab_size=50, hidden_size=CLIP_D, intermediate_size=CLIP_MLP,
-                                         num_layers=2, max_positions=8, head_dim=8))  # fmt: skip
-    else:
-        L = nn.Linear
-        layer = lambda: _Node(  # noqa: E731
-            self_attn=_Node(q_proj=L(CLIP_D, CLIP_D), k_proj=L(CLIP_D, CLIP_D), v_proj=L(CLIP_D, CLIP_D),
-                            out_proj=L(CLIP_D, CLIP_D)),
-            mlp=_Node(fc1=L(CLIP_D, CLIP_MLP), fc2=L(CLIP_MLP, CLIP_D)),
-        )  # fmt: skip
-        model = _Node(encoder=_Node(layers=[layer(), layer()]))
+    model = CLIPTextModel(CLIPParams(vocab_size=50, hidden_size=CLIP_D, intermediate_size=CLIP_MLP,
+                                     num_layers=2, max_positions=8, head_dim=8))
     mx.eval(model.parameters())
     return model
 
@@ -116,3 +74,57 @@ def write(tmp_path, name: str, tensors: dict[str, np.ndarray], metadata: dict | 
 def swap(x: np.ndarray) -> np.ndarray:
     h = x.shape[0] // 2
     return np.concatenate([x[h:], x[:h]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw safetensors files: any dtype (numpy has no bf16 / float8) and any header, valid or not.
+
+DTYPE_NP = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+            "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?", "C64": "<c8"}  # fmt: skip
+
+
+def encode(x: np.ndarray, dtype: str) -> bytes:
+    """x in a safetensors dtype: BF16 truncates float32 (exact for values that are bf16), F8 takes the
+    nearest finite code."""
+    if dtype == "BF16":
+        return (np.asarray(x, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+    if dtype.startswith("F8_"):
+        from flux_1.lora.formats import FP8
+
+        table = np.where(np.isfinite(FP8[dtype]), FP8[dtype], np.inf)
+        return np.abs(np.asarray(x, np.float32).reshape(-1, 1) - table).argmin(axis=1).astype(np.uint8).tobytes()
+    return np.asarray(x).astype(DTYPE_NP[dtype]).tobytes()
+
+
+def decode(raw: bytes, dtype: str, shape) -> np.ndarray:
+    """The float32 values of raw bytes in a float safetensors dtype."""
+    if dtype == "BF16":
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    if dtype.startswith("F8_"):
+        from flux_1.lora.formats import FP8
+
+        return FP8[dtype][np.frombuffer(raw, np.uint8)].reshape(shape)
+    return np.frombuffer(raw, DTYPE_NP[dtype]).astype(np.float32).reshape(shape)
+
+
+def serialize(header: dict, data: bytes, pad: int = 8) -> bytes:
+    """A safetensors file from a header (offsets as given) and its data section."""
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % pad)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def build(entries: dict[str, tuple], metadata: dict | None = None) -> tuple[dict, bytes]:
+    """(header, data) for {name: (dtype, array) or (dtype, shape, raw bytes)}, laid out in order."""
+    header, data = ({"__metadata__": metadata} if metadata is not None else {}), b""
+    for name, (dtype, *x) in entries.items():
+        shape, raw = x if len(x) == 2 else (list(np.shape(x[0])), encode(x[0], dtype))
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    return header, data
+
+
+def write_raw(tmp_path, name: str, entries: dict, metadata: dict | None = None):
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes(serialize(*build(entries, metadata)))
+    return path

@@ -119,3 +119,38 @@ def test_file_permissions_follow_the_umask(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_nan_never_reaches_the_json_and_nothing_is_written(tmp_path):
+    image = make_image(loras=[{"name": "broken", "scale": float("nan")}])
+    with pytest.raises(ValueError, match="non-finite number"):
+        image.save(tmp_path / "out.png", sidecar=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", ["sidecar write", "sidecar publish"])
+def test_full_disk_on_the_sidecar_leaves_neither_file(tmp_path, monkeypatch, stage):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if stage == "sidecar write":
+        original = Path.write_bytes
+        monkeypatch.setattr(Path, "write_bytes",
+                            lambda self, data: full() if self.name.startswith(".out.json") else original(self, data))
+    else:
+        original_claim = metadata._claim
+        monkeypatch.setattr(metadata, "_claim",
+                            lambda tmp, target: full() if target.suffix == ".json" else original_claim(tmp, target))
+    with pytest.raises(OSError, match="No space left"):
+        make_image().save(tmp_path / "out.png", sidecar=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_and_sidecar_take_the_same_free_number(tmp_path):
+    (tmp_path / "out.json").write_text("{}")  # a stray sidecar: out.png must not pair with it
+    path = make_image().save(tmp_path / "out.png", sidecar=True)
+    assert path.name == "out_1.png" and (tmp_path / "out_1.json").exists()
+    assert json.loads((tmp_path / "out_1.json").read_text())["seed"] == 42
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -14,7 +14,7 @@ seed again. Written to `--output-dir`:
 
 Existing files are never overwritten (`_1`, `_2`, ... is added), as with `flux1-generate`. The checks
 of `flux1-generate` run before anything is loaded, plus the ones of this command (at least one LoRA,
-readable LoRA files, finite and distinct strengths).
+LoRA files read and resolved, finite and distinct strengths).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -32,15 +31,17 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..pipeline.flux1 import Config
 from ..pipeline.variants import VARIANTS
-from .errors import CLIError, user_errors
+from .errors import user_errors
 from .main import (
     add_lora_arguments,
     add_model_arguments,
     check_args,
+    check_lora_files,
     check_model_folder,
     check_output_folder,
     format_bytes,
     make_config,
+    print_backend,
 )
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0)
@@ -99,23 +100,6 @@ def check_compare_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         seen.add(label)
     if args.output_dir.suffix.lower() == ".png":
         parser.error(f"--output-dir {args.output_dir} names a .png file: give the folder for the images")
-    if args.lora_scales is not None:
-        for scale in args.lora_scales:
-            if not math.isfinite(scale):
-                parser.error(f"--lora-scales {scale} is not a finite number")
-
-
-def check_lora_file(path: str | Path) -> None:
-    """Read the safetensors header only: an unreadable or empty file fails now, not after loading."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            keys = list(f.keys())
-    except Exception as e:  # safetensors words its own errors (header too large, invalid JSON, ...)
-        raise CLIError(f"LoRA file {path} is not a readable .safetensors file ({e})") from None
-    if not keys:
-        raise CLIError(f"LoRA file {path} holds no tensors")
 
 
 # -- the grid ----------------------------------------------------------------------------------------------
@@ -205,12 +189,12 @@ def make_grid(images: list[Image.Image], captions: list[str], header: str,
 
 def save_grid(grid: Image.Image, path: Path, parameters: str, meta: dict) -> Path:
     """Write the grid PNG atomically with its text chunks; never overwrites (returns the name used)."""
-    from ..pipeline.metadata import JSON_KEY, PARAMETERS_KEY, _publish, _temp_file
+    from ..pipeline.metadata import JSON_KEY, PARAMETERS_KEY, _publish, _temp_file, to_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
-    info.add_text(JSON_KEY, json.dumps(meta, ensure_ascii=False))
+    info.add_text(JSON_KEY, to_json(meta))  # no NaN: a clean ValueError before anything is written
     tmp = _temp_file(path.parent, path.name)
     try:
         grid.save(tmp, format="PNG", pnginfo=info)
@@ -267,8 +251,6 @@ def compare(args: argparse.Namespace, config: Config) -> tuple[list[Path], Path]
     base_loras = flux.lora_info()
     if args.verbose:
         print(f"load: {time.perf_counter() - t0:.2f} s, peak memory {format_bytes(mx.get_peak_memory())}")
-    if args.guidance is not None and not flux.is_guidance_distilled:
-        print(f"warning: {args.model} has no guidance embedder: --guidance is ignored", file=sys.stderr)
 
     images, written = [], []
     for s in args.strengths:
@@ -302,12 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed is None:
         args.seed = random.randrange(2**32)
     with user_errors():
-        for lora in args.lora_paths:
-            check_lora_file(lora)
+        if args.verbose:
+            print_backend()
         check_output_folder(args.output_dir / GRID_NAME)
         config = make_config(args)
         if args.path is not None:
             check_model_folder(args.path)
+        check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision)
         compare(args, config)
 
 

@@ -1,13 +1,15 @@
 """`flux1-generate` / `python main.py`: text to image with FLUX.1 schnell or dev.
 
-Everything that can be checked without the model (arguments, files, the checkpoint's folders and
-safetensors headers) is checked before loading it. The model is loaded once for all seeds, with the
+Everything that can be checked without the model (arguments, numbers, the prompt's encoding, whether
+the size fits in memory, the checkpoint's folders and safetensors headers, each LoRA file resolved
+against the model's modules) is checked before loading it. The model is loaded once for all seeds, with the
 text encoders freed after encoding (`low_memory`). Each image is written atomically with its metadata.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -16,7 +18,8 @@ import warnings
 from pathlib import Path
 
 from ..components import PRECISIONS
-from ..pipeline.flux1 import Config
+from ..lora import lora_strengths
+from ..pipeline.flux1 import MAX_SIDE, MAX_STEPS, Config, check_prompt
 from ..pipeline.variants import VARIANTS
 from ..quantization import CHOICES
 from .errors import CLIError, user_errors
@@ -73,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_arguments(p, "one strength per LoRA path (default 1.0 each)")
     p.add_argument("--output", "-o", default=DEFAULT_OUTPUT,
                    help=f"output .png; may use {{seed}}, {{model}}, {{steps}} (default {DEFAULT_OUTPUT}). "
+                   f"A folder (a trailing /, or an existing folder) gets {DEFAULT_OUTPUT} inside it. "
                    "Existing files are never overwritten: _1, _2, ... is added")
     p.add_argument("--metadata", action="store_true",
                    help="also write the metadata as a .json file beside each image")
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 def output_template(args: argparse.Namespace) -> str:
     """The --output template, checked; with several seeds and no {seed}, `_seed_{seed}` goes before .png."""
     template = args.output
+    # A trailing slash, or an existing folder, names a folder: the default name goes inside it.
+    if template.endswith(("/", os.sep)) or Path(template).is_dir():
+        template = os.path.join(template, DEFAULT_OUTPUT)
     try:
         template.format(**{name: 0 for name in OUTPUT_FIELDS})
     except (KeyError, IndexError, ValueError) as e:
@@ -123,6 +130,7 @@ def check_model_folder(root: Path) -> None:
     if not os.access(root, os.R_OK | os.X_OK):
         raise CLIError(f"model path {root} is not readable")
     if saved.is_saved_folder(root):
+        saved.check_folder(root)  # manifest, every shard's header and metadata, tokenizers
         return
     for component in COMPONENTS:
         folder.find_source(root, component)  # lazy: reads safetensors headers only
@@ -132,9 +140,11 @@ def check_model_folder(root: Path) -> None:
 def check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.lora_scales is not None and not args.lora_paths:
         parser.error("--lora-scales given without --lora-paths")
-    if args.lora_scales is not None and len(args.lora_scales) != len(args.lora_paths):
-        parser.error(f"got {len(args.lora_scales)} --lora-scales for {len(args.lora_paths)} --lora-paths: "
-                     "give one scale per LoRA")
+    try:  # argparse's float() accepts nan and inf
+        lora_strengths(args.lora_paths, args.lora_scales)
+    except ValueError as e:
+        message = str(e).replace("LoRA scale(s)", "--lora-scales").replace("LoRA path(s)", "--lora-paths")
+        parser.error(message.replace("LoRA scale #", "--lora-scales #"))
     for lora in args.lora_paths:
         if not Path(lora).exists():
             parser.error(f"LoRA file {lora} does not exist")
@@ -142,14 +152,50 @@ def check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"LoRA path {lora} is not a file")
 
 
+def check_lora_files(paths: list[str], scales: list[float] | None, model: str, root: Path | None,
+                     precision: str | None = None) -> None:
+    """Read each LoRA file (header first) and resolve every key against the model's modules, as loading
+    would, but against lazy skeletons built from the model folder's headers (`root`), or from FLUX.1's
+    own shapes when the model comes from the Hub: a bad LoRA fails now, not after minutes of loading."""
+    from ..components import default_precision, precision_dtype
+    from ..pipeline.flux1 import component_shapes, default_shapes, resolve_loras
+    from ..safetensors_check import HeaderError, check_header
+
+    if not paths:
+        return
+    for path in paths:
+        try:
+            header = check_header(path)
+        except HeaderError as e:
+            why = str(e).removeprefix(f"{path}: ")
+            raise CLIError(f"LoRA file {path} is not a readable .safetensors file ({why})") from None
+        if not [k for k in header if k != "__metadata__"]:
+            raise CLIError(f"LoRA file {path} holds no tensors")
+    if root is not None:
+        shapes = {c: component_shapes(root, c) for c in ("transformer", "clip")}
+    else:
+        guidance = VARIANTS[model].guidance_distilled
+        shapes = {c: default_shapes(c, guidance) for c in ("transformer", "clip")}
+    dtype = precision_dtype(precision or default_precision())
+    resolve_loras(paths, scales, shapes["transformer"], shapes["clip"], dtype)
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not args.prompt.strip():
-        parser.error("--prompt is empty")
+    try:
+        check_prompt(args.prompt)
+    except ValueError as e:
+        parser.error(f"--prompt: {e}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.steps is not None and args.steps > MAX_STEPS:
+        parser.error(f"--steps must be at most {MAX_STEPS}, got {args.steps}")
     for name in ("height", "width"):
         if getattr(args, name) < 16:
             parser.error(f"--{name} must be at least 16 pixels, got {getattr(args, name)}")
+        if getattr(args, name) > MAX_SIDE:
+            parser.error(f"--{name} must be at most {MAX_SIDE} pixels, got {getattr(args, name)}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        parser.error(f"--guidance {args.guidance} is not a finite number")
     for seed in args.seed or []:
         if not 0 <= seed <= MAX_SEED:
             parser.error(f"--seed {seed} is out of range: seeds are 0 to 2**64-1")
@@ -164,7 +210,24 @@ def make_config(args: argparse.Namespace) -> Config:
                         guidance=3.5 if args.guidance is None else args.guidance)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    if args.guidance is not None and not VARIANTS[args.model].guidance_distilled:
+        print(f"warning: {args.model} has no guidance embedder: --guidance is ignored", file=sys.stderr)
+    check_memory(config, args.precision)
     return config
+
+
+def check_memory(config: Config, precision: str | None) -> None:
+    """Refuse a size that cannot fit in this machine's memory, before loading (estimate: check_size)."""
+    from ..components import default_precision, precision_dtype
+    from ..pipeline.flux1 import check_size
+
+    check_size(config.height, config.width, precision_dtype(precision or default_precision()))
+
+
+def print_backend() -> None:
+    from ..backend import blas_info
+
+    print(f"BLAS: {blas_info()}")
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -188,8 +251,6 @@ def generate(args: argparse.Namespace, config: Config, template: str) -> list[Pa
                             precision=args.precision, low_memory=True)
     if args.verbose:
         print(f"load: {time.perf_counter() - t0:.2f} s, peak memory {format_bytes(mx.get_peak_memory())}")
-    if args.guidance is not None and not flux.is_guidance_distilled:
-        print(f"warning: {args.model} has no guidance embedder: --guidance is ignored", file=sys.stderr)
 
     steps = config.num_inference_steps or flux.variant.default_steps
     written = []
@@ -218,10 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     except CLIError as e:
         parser.error(str(e))
     with user_errors():
+        if args.verbose:
+            print_backend()
         check_output_folder(Path(template.format(seed=args.seed[0], model=args.model, steps=args.steps or 0)))
         config = make_config(args)
         if args.path is not None:
             check_model_folder(args.path)
+        check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision)
         generate(args, config, template)
 
 

@@ -15,7 +15,13 @@ from ..components import PRECISIONS
 from ..pipeline.variants import VARIANTS
 from ..quantization import CHOICES
 from .errors import user_errors
-from .main import add_lora_arguments, check_lora_args, parse_quantize
+from .main import (
+    add_lora_arguments,
+    check_lora_args,
+    check_lora_files,
+    check_model_folder,
+    parse_quantize,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_lora_args(parser, args)
     with user_errors():
+        # Everything that can fail without the model fails now, not after minutes of loading.
+        if args.source is not None:
+            check_model_folder(args.source)
+        check_lora_files(args.lora_paths, args.lora_scales, args.model, args.source, args.precision)
         from ..pipeline.save_model import save_model
 
         t0 = time.perf_counter()

@@ -9,8 +9,9 @@ Layouts (checked in this order, per component):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,8 +19,18 @@ import mlx.nn as nn
 
 from .. import quantization as q
 from ..components import COMPONENTS
+from ..safetensors_check import HeaderError, check_header
 from . import tables
-from .weights import WeightLoadError, assign, component_files, convert, read_lazy, shapes_of, to_mlx_layout
+from .weights import (
+    WeightLoadError,
+    assign,
+    check_floats,
+    component_files,
+    convert,
+    read_lazy,
+    shapes_of,
+    to_mlx_layout,
+)
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -31,6 +42,7 @@ class Source:
     weights: dict[str, mx.array]
     label: str  # for error messages: the folder or file
     shapes: dict[str, tuple[int, ...]] | None = None  # unpacked shapes, when weights are pre-quantized
+    names: dict[str, str] = field(default_factory=dict)  # our key -> source key(s) and file, for messages
 
 
 def _torch_source(files: list[Path], table, label: str, renames=None, ignore=None, strip=()) -> Source:
@@ -44,8 +56,18 @@ def _torch_source(files: list[Path], table, label: str, renames=None, ignore=Non
     if ignore is not None:
         keys = set(tensors)
         tensors = {k: v for k, v in tensors.items() if not ignore(k, keys)}
-    weights = convert(tensors, origin, table, renames)
-    return Source(to_mlx_layout(weights), label)
+    check_floats(tensors, origin)
+    names: dict[str, str] = {}
+    weights = convert(tensors, origin, table, renames, names)
+    return Source(to_mlx_layout(weights), label, names=names)
+
+
+def _header_keys(f: Path) -> list[str]:
+    """Tensor names from the header alone (nothing is mapped; a FIFO or directory is refused, not opened)."""
+    try:
+        return [k for k in check_header(f) if k != "__metadata__"]
+    except HeaderError as e:
+        raise WeightLoadError(str(e)) from e
 
 
 def bfl_transformer_file(root: Path) -> Path | None:
@@ -55,8 +77,8 @@ def bfl_transformer_file(root: Path) -> Path | None:
     for f in sorted(root.glob("*.safetensors")):
         if f.name != "ae.safetensors":
             try:
-                keys = mx.load(str(f)).keys()
-            except Exception:
+                keys = _header_keys(f)
+            except WeightLoadError:  # some other, broken file: not ours to judge
                 continue
             if any("double_blocks." in k for k in keys):
                 return f
@@ -76,8 +98,7 @@ def find_source(root: Path, component: str) -> Source:
                                  strip=BFL_PREFIXES)
     if component == "vae" and not folder.is_dir() and (root / "ae.safetensors").exists():
         ae = root / "ae.safetensors"
-        keys = mx.load(str(ae)).keys()
-        ups = {int(k.split(".")[2]) for k in keys if k.startswith("decoder.up.")}
+        ups = {m.group(1) for k in _header_keys(ae) if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
         return _torch_source([ae], tables.bfl_vae_table(len(ups)), str(ae))
     files = component_files(folder, COMPONENTS[component].folder)
     label = str(folder)
@@ -99,14 +120,30 @@ def build(component: str, source: Source, dtype: mx.Dtype, spec: q.QuantSpec | N
     `plan` (from a saved folder) fixes exactly which layers are quantized and how; otherwise `spec`
     applies the policy of quantization.py.
     """
-    model = COMPONENTS[component].build(source.shapes or shapes_of(source.weights))
+    try:
+        model = COMPONENTS[component].build(source.shapes or shapes_of(source.weights))
+    except KeyError as e:  # a tensor the architecture is read from
+        key = e.args[0]
+        raise WeightLoadError(f"{source.label}: missing key '{key}'{_source_hint(source, key)}, which the "
+                              f"{component} architecture is read from (truncated or foreign checkpoint?)") from e
+    except ValueError as e:  # tensors that disagree on a width; from_shapes quotes our keys
+        raise WeightLoadError(f"{source.label}: {_with_source_names(str(e), source)}") from e
     model.set_dtype(dtype)
     if plan is None and spec is not None:
         plan = q.layer_plan(model, component, spec)
     q.quantize_skeleton(model, plan or {})
     prepare: Callable = lambda name, w, m: q.quantize_on_load(name, w, m, dtype)  # noqa: E731
-    assign(model, source.weights, dtype, source.label, prepare)
+    assign(model, source.weights, dtype, source.label, prepare, source.names)
     return model
+
+
+def _source_hint(source: Source, key: str) -> str:
+    return f" (from {source.names[key]})" if key in source.names else ""
+
+
+def _with_source_names(message: str, source: Source) -> str:
+    """Our quoted keys in a from_shapes message, each followed by the source tensor it was read from."""
+    return re.sub(r"'([\w.]+)'", lambda m: m.group(0) + _source_hint(source, m.group(1)), message)
 
 
 def load_folder_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpec | None = None

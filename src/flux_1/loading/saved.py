@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import sys
 import uuid
 import warnings
@@ -47,6 +46,7 @@ from mlx.utils import tree_flatten
 
 from .. import quantization as q
 from ..components import COMPONENTS, TOKENIZERS, require_tokenizers
+from ..safetensors_check import HeaderError, check_header
 from .weights import WeightLoadError, component_files, read_lazy
 
 MANIFEST = "manifest.json"
@@ -95,13 +95,14 @@ def _check_version(version, where: str) -> None:
 
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
-    """(metadata, {tensor: {dtype, shape, data_offsets}}) of a safetensors file, from its JSON header."""
+    """(metadata, {tensor: {dtype, shape, data_offsets}}) of a safetensors file, from its JSON header,
+    checked to describe the file's data exactly (safetensors_check)."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise WeightLoadError(f"{path}: unreadable safetensors header ({e})") from e
+        header = dict(check_header(path))
+    except OSError as e:
+        raise WeightLoadError(f"{path}: unreadable safetensors file ({e})") from e
+    except HeaderError as e:
+        raise WeightLoadError(str(e)) from e
     return header.pop("__metadata__", {}) or {}, header
 
 

@@ -1,7 +1,7 @@
 """LoRA, LoKr, LoHa and full-delta adapters for FLUX.1 (transformer) and CLIP: formats and application."""
 
-from .formats import LoRA, LoRAError, Patch, Report, load_lora, resolve_lora
-from .layers import LoRALinear, LoRAStack, apply_loras, bake, linear_specs
+from .formats import LoRA, LoRAError, Patch, Report, check_tensors, load_lora, resolve_lora
+from .layers import LoRALinear, LoRAStack, apply_loras, bake, linear_specs, lora_strengths
 
 __all__ = [
     "LoRA",
@@ -12,7 +12,9 @@ __all__ = [
     "Report",
     "apply_loras",
     "bake",
+    "check_tensors",
     "linear_specs",
     "load_lora",
+    "lora_strengths",
     "resolve_lora",
 ]

@@ -23,6 +23,18 @@ Scale (delta W = strength * scale * up @ down), per the reference notes section 
   other loader we use alpha / 3r (kohya issue #2204).
 - LoKr: alpha / dim only when a factor is low rank (dim = that factor's inner size), else 1.
 - LoHa: alpha / w1_b.shape[0]. Full deltas `.diff` / `.diff_b`: 1.
+
+What is refused, so that a bad file is an error naming the file and key, never a black image or a
+quietly different one (a file is corrupt as a whole: so are its unused keys):
+- a header that does not describe the data exactly (`safetensors_check.check_header`, before any read);
+- a LoRA tensor (any key with a suffix above) that is not floating point, is empty, or holds a NaN or
+  inf. F16/BF16/F32 load as they are; F64 (some files' alphas) and F8 (E4M3 "fn", E5M2) are converted
+  to float32 exactly, F8 through a 256-entry table (mx.load returns E4M3 as raw bytes and refuses
+  E5M2). `.alpha` must be one number; an integer alpha is accepted only as I64/I32 in [0, 65536]
+  (LyCORIS writes `torch.tensor(int)`; a float's bits read as an integer are far larger);
+- a `lora_adapter_metadata` that is not a JSON object, or whose lora_alpha / r / alpha_pattern /
+  rank_pattern values are not finite numbers (numeric strings such as "16" are read as numbers),
+  whose patterns are not valid regexes, or whose use_rslora is not a boolean.
 """
 
 from __future__ import annotations
@@ -30,13 +42,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
-from ..loading.tables import BFL_TRANSFORMER, DIFFUSERS_TRANSFORMER, Resolved, Rule, part_rows, resolve
+from ..loading.tables import BFL_TRANSFORMER, DIFFUSERS_TRANSFORMER, Resolved, Rule, part_rows, resolve, source_names
+from ..safetensors_check import HeaderError, check_header
 
 
 class LoRAError(ValueError):
@@ -103,24 +118,123 @@ class LoRA:
     tensors: dict[str, mx.array]
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    checked: bool = field(default=False, repr=False)  # check_tensors passed (load_lora does it)
+
+    def where(self) -> str:
+        return f"LoRA file {self.path}" if self.path is not None else f"LoRA '{self.name}'"
+
+
+def _fp8_table(exp_bits: int, man_bits: int, ieee: bool) -> np.ndarray:
+    """The float32 value of each of the 256 codes of an 8-bit float (sign, exponent, mantissa)."""
+    code = np.arange(256)
+    sign = np.where(code & 0x80, -1.0, 1.0)
+    e, m = (code >> man_bits) & ((1 << exp_bits) - 1), code & ((1 << man_bits) - 1)
+    bias, top = (1 << (exp_bits - 1)) - 1, (1 << exp_bits) - 1
+    frac = m / (1 << man_bits)
+    v = sign * np.where(e == 0, frac * 2.0 ** (1 - bias), (1 + frac) * 2.0 ** (e - bias))
+    if ieee:  # E5M2: the top exponent is inf (mantissa 0) or NaN, as in IEEE halves
+        v = np.where(e == top, np.where(m == 0, sign * np.inf, np.nan), v)
+    else:  # E4M3 "fn" (torch.float8_e4m3fn): no inf, only S.1111.111 is NaN
+        v = np.where((e == top) & (m == (1 << man_bits) - 1), np.nan, v)
+    return v.astype(np.float32)
+
+
+FP8 = {"F8_E4M3": _fp8_table(4, 3, ieee=False), "F8_E5M2": _fp8_table(5, 2, ieee=True)}
+# What mx.load reads itself (F8_E4M3 as raw uint8); a file with any other dtype is read with numpy.
+MX_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "C64",
+             "F8_E4M3", "F8_E8M0"}  # fmt: skip
+NP_DTYPES = {
+    "BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4",
+    "U64": "<u8", "I64": "<i8", "F16": "<f2", "BF16": "<u2", "F32": "<f4", "F64": "<f8", "C64": "<c8",
+    "F8_E4M3": "u1", "F8_E5M2": "u1", "F8_E8M0": "u1",
+}  # fmt: skip
+
+
+def _read_numpy(path: Path, header: dict) -> dict[str, mx.array]:
+    """Every tensor of a file whose header check_header accepted, F64 and F8 decoded to float32."""
+    out = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            f.seek(8 + n + begin)
+            x = np.frombuffer(f.read(end - begin), NP_DTYPES[info["dtype"]]).reshape(info["shape"])
+            if info["dtype"] == "F64":
+                with np.errstate(over="ignore"):  # out of float32 range: inf, refused by check_tensors
+                    x = x.astype(np.float32)
+            elif info["dtype"] == "BF16":
+                x = (x.astype(np.uint32) << 16).view(np.float32)
+            elif info["dtype"] in FP8:
+                x = FP8[info["dtype"]][x]
+            out[key] = mx.array(x)
+    return out
 
 
 def load_lora(path: str | Path, name: str | None = None) -> LoRA:
+    """Read a LoRA file: the header is checked first, then every LoRA tensor (check_tensors)."""
     path = Path(path)
-    if not path.is_file():
-        raise LoRAError(f"LoRA file not found: {path}")
     try:
-        tensors, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # MLX words its own errors; it also refuses float64 (some files' alphas)
-        try:
-            from safetensors import safe_open
+        header = check_header(path)
+    except HeaderError as e:
+        raise LoRAError(f"LoRA file {e}") from None
+    dtypes = {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    try:
+        if set(dtypes.values()) <= MX_DTYPES:  # lazy: nothing is read until check_tensors
+            tensors = mx.load(str(path)) if dtypes else {}
+            tensors = {k: mx.array(FP8[dtypes[k]])[v] if dtypes[k] in FP8 else v for k, v in tensors.items()}
+        else:  # mx.load refuses F64 and F8_E5M2 outright
+            tensors = _read_numpy(path, header)
+    except (RuntimeError, ValueError, OSError) as e:  # the header was checked: only I/O is left
+        raise LoRAError(f"LoRA file {path}: unreadable ({e})") from None
+    lora = LoRA(name or path.stem, tensors, header.get("__metadata__", {}), path)
+    check_tensors(lora, dtypes)
+    return lora
 
-            with safe_open(str(path), framework="numpy") as f:
-                metadata = f.metadata()
-                tensors = {k: mx.array(f.get_tensor(k).astype("float32")) for k in f.keys()}
-        except Exception:
-            raise LoRAError(f"{path}: unreadable safetensors file ({e})") from e
-    return LoRA(name or path.stem, tensors, metadata or {}, path)
+
+# An integer alpha is a number a trainer wrote as `torch.tensor(int)` (I64; I32 from some numpy code).
+# The bits of a float alpha read as an integer are far above this bound (2.0f is 1073741824).
+INT_ALPHA = ("int64", "int32")
+MAX_INT_ALPHA = 65536
+# Compiled: isfinite and the reduction fuse, without a bool copy of the tensor (about 2x faster).
+_all_finite = mx.compile(lambda x: mx.all(mx.isfinite(x)))
+
+
+def check_tensors(lora: LoRA, file_dtypes: dict[str, str] | None = None) -> None:
+    """Refuse, by key, a LoRA tensor that is not a finite float (alphas: also a plausible integer),
+    is empty, or an alpha that is not one number. One batched evaluation for the whole file."""
+    file_dtypes = file_dtypes or {}
+    keys, oks = [], []
+    for key, t in lora.tensors.items():
+        m = _SUFFIX_RE.fullmatch(key)
+        if m is None:  # not a LoRA tensor: reported as skipped (and, read by mx.load, never read)
+            continue
+        alpha = SUFFIXES[m.group(2)] == "alpha"
+        mx_dtype = str(t.dtype).removeprefix("mlx.core.")
+        dtype = file_dtypes.get(key, mx_dtype)
+        if alpha and t.size != 1:
+            raise LoRAError(f"{lora.where()}: alpha {key!r} has shape {tuple(t.shape)}, expected one number")
+        if t.size == 0:
+            raise LoRAError(f"{lora.where()}: {key!r} has shape {tuple(t.shape)}: an empty LoRA tensor")
+        if alpha and mx_dtype in INT_ALPHA:
+            keys.append((key, f"is the integer {dtype} alpha outside [0, {MAX_INT_ALPHA}] (a float misread?)"))
+            oks.append(mx.all((t >= 0) & (t <= MAX_INT_ALPHA)))
+            continue
+        if not mx.issubdtype(t.dtype, mx.floating):
+            what = "an alpha" if alpha else "a LoRA tensor"
+            raise LoRAError(f"{lora.where()}: {key!r} is {dtype}: {what} must be floating point")
+        keys.append((key, f"holds NaN or inf ({dtype})"))
+        oks.append(_all_finite(t))
+    if oks:
+        try:
+            good = mx.stack(oks).tolist()
+        except RuntimeError as e:  # a lazy read that failed (file changed since the header check)
+            raise LoRAError(f"{lora.where()}: unreadable ({e})") from None
+        for (key, why), ok in zip(keys, good, strict=True):
+            if not ok:
+                raise LoRAError(f"{lora.where()}: {key!r} {why}")
+    lora.checked = True
 
 
 @dataclass(frozen=True)
@@ -208,20 +322,6 @@ def _lokr_factor(t: dict[str, mx.array], w: str) -> mx.array:
     return t[f"lokr_{w}"] if f"lokr_{w}" in t else t[f"lokr_{w}_a"] @ t[f"lokr_{w}_b"]
 
 
-def _inverse(rule: Rule) -> tuple[re.Pattern, str] | None:
-    r"""(regex over our names, template of the source name) of a rule whose source is a plain dotted
-    name with `(\d+)` groups; None for rules that cannot be inverted that way."""
-    count = iter(range(1, 10))
-    template = re.sub(r"\(\\d\+\)", lambda _: f"{{g{next(count)}}}", rule.source).replace(r"\.", ".")
-    if re.search(r"[\\()\[\]|*+?]", template):
-        return None
-    target = re.sub(r"\\\\(\d)", r"(?P<g\1>\\d+)", re.escape(rule.target))
-    return re.compile(target), template
-
-
-_DIFFUSERS_INVERSE = [(rule, inv) for rule in DIFFUSERS_TRANSFORMER if (inv := _inverse(rule))]
-
-
 def _transformer_names(module: str) -> list[tuple[str, Resolved]]:
     """Source spellings of one of our transformer modules: BFL names, then diffusers names (parts)."""
     names = []
@@ -230,13 +330,7 @@ def _transformer_names(module: str) -> list[tuple[str, Resolved]]:
         r = resolve(BFL_TRANSFORMER, bfl)
         if r is not None and r.target == module:
             names.append((bfl, r))
-    for rule, (target, template) in _DIFFUSERS_INVERSE:
-        if m := target.fullmatch(module):
-            name = template.format(**m.groupdict())
-            r = resolve(DIFFUSERS_TRANSFORMER, name)
-            if r == Resolved(module, rule.part, rule.parts, rule.swap_halves):  # not shadowed by another rule
-                names.append((name, r))
-    return names
+    return names + source_names(DIFFUSERS_TRANSFORMER, module)
 
 
 def build_index(component: str, specs: Specs) -> dict[str, Slot]:
@@ -290,35 +384,78 @@ def _xlabs_slot(name: str, index: dict[str, Slot], specs: Specs) -> Slot | None:
     return None
 
 
-def _peft_config(metadata: dict[str, str], component: str) -> dict | None:
+@dataclass
+class PeftConfig:
+    """The parts of a diffusers LoraConfig that set scales, checked and parsed."""
+
+    lora_alpha: float | None
+    alpha_pattern: list[tuple[re.Pattern, float]]
+    use_rslora: bool
+
+
+def _number(value, what: str) -> float:
+    """A finite number from a JSON value; a numeric string ("16") counts, a bool does not."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise LoRAError(f"{what} is {json.dumps(value)[:60]}, not a number") from None
+    if not math.isfinite(x):
+        raise LoRAError(f"{what} is {value!r}, not a finite number")
+    return x
+
+
+def _peft_config(lora: LoRA, component: str) -> PeftConfig | None:
     """diffusers' `lora_adapter_metadata`: a LoraConfig dict, per component (`transformer.r`) or bare."""
-    raw = metadata.get("lora_adapter_metadata")
+    raw = lora.metadata.get("lora_adapter_metadata")
     if not raw:
         return None
-    config = json.loads(raw)
+    what = f"{lora.where()}: lora_adapter_metadata"
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise LoRAError(f"{what} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"{what} is a JSON {type(config).__name__}, not an object")
     prefix = {"transformer": "transformer.", "clip": "text_encoder."}[component]
     mine = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
     if mine:
-        return mine
-    return config if "lora_alpha" in config else None
+        config, what = mine, f"{what} {prefix}"
+    elif "lora_alpha" not in config:
+        return None
+    else:
+        what += " "
+    alpha = config.get("lora_alpha")
+    alpha = None if alpha is None else _number(alpha, f"{what}lora_alpha")
+    if config.get("r") is not None:
+        _number(config["r"], f"{what}r")
+    patterns = {}
+    for field_ in ("alpha_pattern", "rank_pattern"):
+        value = config.get(field_) or {}
+        if not isinstance(value, dict):
+            raise LoRAError(f"{what}{field_} is a JSON {type(value).__name__}, not an object")
+        patterns[field_] = []
+        for key, v in value.items():
+            try:  # PEFT's lookup: an exact module name, else a regex matching a dotted suffix
+                pattern = re.compile(rf"(?:.*\.)?(?:{re.compile(key).pattern})")
+            except re.error as e:
+                raise LoRAError(f"{what}{field_} key {key!r} is not a valid regex ({e})") from None
+            patterns[field_].append((pattern, _number(v, f"{what}{field_}[{key!r}]")))
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool) and rslora is not None:
+        raise LoRAError(f"{what}use_rslora is {json.dumps(rslora)[:60]}, not true or false")
+    return PeftConfig(alpha, patterns["alpha_pattern"], bool(rslora))
 
 
-def _pattern(patterns: dict, module: str):
-    """PEFT's rank/alpha_pattern lookup: an exact module name, else a regex matching a dotted suffix."""
-    for key, value in (patterns or {}).items():
-        if key == module or re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
-            return value
-    return None
-
-
-def _lora_scale(rank: int, alpha: float | None, config: dict | None, module: str) -> float:
+def _lora_scale(rank: int, alpha: float | None, config: PeftConfig | None, module: str) -> float:
     if alpha is not None:
         return 1.0 if alpha == 0 else alpha / rank
     if config is None:
         return 1.0
-    a = _pattern(config.get("alpha_pattern"), module)
-    a = config.get("lora_alpha", rank) if a is None else a
-    return a / math.sqrt(rank) if config.get("use_rslora") else a / rank
+    a = next((v for p, v in config.alpha_pattern if p.fullmatch(module)), None)
+    a = (rank if config.lora_alpha is None else config.lora_alpha) if a is None else a
+    return a / math.sqrt(rank) if config.use_rslora else a / rank
 
 
 def _shape_error(lora: LoRA, key: str, got, want: str, slot: Slot, shape) -> LoRAError:
@@ -328,7 +465,7 @@ def _shape_error(lora: LoRA, key: str, got, want: str, slot: Slot, shape) -> LoR
     hint = ""
     if slot.module == "img_in" and len(got) == 2 and got[-1] > shape[1]:
         hint = " (a Control/Fill LoRA widens img_in: not supported)"
-    return LoRAError(f"LoRA '{lora.name}': '{key}' has shape {tuple(got)}, expected {want} for {where}{hint}")
+    return LoRAError(f"{lora.where()}: '{key}' has shape {tuple(got)}, expected {want} for {where}{hint}")
 
 
 def _product_shape(t: dict[str, mx.array], a: str, b: str, lora: LoRA, roles: dict, slot: Slot, shape):
@@ -341,7 +478,7 @@ def _product_shape(t: dict[str, mx.array], a: str, b: str, lora: LoRA, roles: di
 
 
 def _pieces(
-    lora: LoRA, roles: dict[str, str], slot: Slot, shape, config: dict | None, module: str
+    lora: LoRA, roles: dict[str, str], slot: Slot, shape, config: PeftConfig | None, module: str
 ) -> list[Piece]:
     """The validated pieces of one source module. roles: role -> key."""
     t = {role: lora.tensors[key] for role, key in roles.items()}
@@ -352,7 +489,7 @@ def _pieces(
     def need(*names: str):
         missing = [n for n in names if n not in t]
         if missing:
-            raise LoRAError(f"LoRA '{lora.name}': no {', '.join(missing)} next to {sorted(roles.values())}")
+            raise LoRAError(f"{lora.where()}: no {', '.join(missing)} next to {sorted(roles.values())}")
 
     def check(got: tuple, key: str, expected: tuple = want):
         if tuple(got) != expected:
@@ -376,6 +513,9 @@ def _pieces(
         sizes, dim = [], None
         for f in ("w1", "w2"):
             if f"lokr_{f}" in t:
+                if t[f"lokr_{f}"].ndim != 2:  # a conv (4-D) or stray factor
+                    key = roles[f"lokr_{f}"]
+                    raise _shape_error(lora, key, t[f"lokr_{f}"].shape, "a 2-D factor", slot, shape)
                 sizes.append(tuple(t[f"lokr_{f}"].shape))
             else:
                 need(f"lokr_{f}_a", f"lokr_{f}_b")
@@ -442,6 +582,9 @@ def resolve_lora(lora: LoRA, specs: dict[str, Specs], strict: bool = True) -> tu
     "transformer", and "clip" when a CLIP model is given). Validates every shape before anything
     is applied: a shape mismatch raises LoRAError; so do, when strict, an SD1.5/SDXL LoRA and a
     LoRA of which no key matched."""
+    if not lora.checked:  # a LoRA built in memory (load_lora checks what it reads)
+        check_tensors(lora)
+    configs = {c: _peft_config(lora, c) for c in specs}
     indexes = {c: build_index(c, s) for c, s in specs.items()}
     stems: dict[str, dict[str, str]] = {}  # stem -> role -> key
     skipped: dict[str, list[str]] = {}
@@ -463,7 +606,7 @@ def resolve_lora(lora: LoRA, specs: dict[str, Specs], strict: bool = True) -> tu
         for role in [r for r in roles if r in SKIP_UNUSED]:
             skipped.setdefault(SKIP_UNUSED[role], []).append(roles.pop(role))
         shape = specs[component][slot.module]
-        pieces = _pieces(lora, roles, slot, shape, _peft_config(lora.metadata, component), name)
+        pieces = _pieces(lora, roles, slot, shape, configs[component], name)
         if not pieces:  # an alpha alone
             skipped.setdefault("alpha without weights", []).extend(roles.values())
             continue
@@ -477,12 +620,12 @@ def resolve_lora(lora: LoRA, specs: dict[str, Specs], strict: bool = True) -> tu
     if strict and not layers["transformer"] and SKIP_FOREIGN in skipped:
         foreign = skipped[SKIP_FOREIGN]
         raise LoRAError(
-            f"LoRA '{lora.name}' is not a FLUX.1 LoRA: {len(foreign)} keys name Stable Diffusion 1.5/SDXL "
+            f"{lora.where()} is not a FLUX.1 LoRA: {len(foreign)} keys name Stable Diffusion 1.5/SDXL "
             f"modules (e.g. {foreign[0]})"
         )
     if strict and matched == 0:
         first = ", ".join(list(lora.tensors)[:3])
         raise LoRAError(
-            f"LoRA '{lora.name}': no key matches a FLUX.1 module ({report.line()}; first keys: {first})"
+            f"{lora.where()}: no key matches a FLUX.1 module ({report.line()}; first keys: {first})"
         )
     return list(by_module.values()), report

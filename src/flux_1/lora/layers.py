@@ -24,18 +24,32 @@ always stay on the side path.
 
 Apply LoRAs after the model is cast and quantized: the side factors are built in the layer's dtype
 at that moment, and `nn.quantize` does not convert a wrapped layer.
+
+Strengths must be finite numbers, and so must every tensor of a LoRA (formats.check_tensors). Finite
+factors can still be absurd (a corrupt file, an extreme strength) and turn the image into NaN, so
+every change of a layer is checked before it is installed: no weight may leave +-65504 (float16's
+range; trained weights are orders of magnitude smaller), on the side path bounded without forming
+B @ A (each entry of B @ A is at most the largest row norm of B times the largest column norm of
+A). A change that fails leaves the layer as it was, and the stack undoes the rest of the operation
+(add, set_strength / set_scales, set_merge), so a LoRAError never leaves a half-applied state.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .formats import SKIP_NO_CLIP, LoRA, Patch, Report, Specs, load_lora, resolve_lora
+from .formats import SKIP_NO_CLIP, LoRA, LoRAError, Patch, Report, Specs, load_lora, resolve_lora
 
 Live = dict[str, tuple[Patch, float]]  # LoRA name -> (its patch of this layer, strength)
+MAX_WEIGHT = 65504.0  # float16's largest value: no weight may go past it
+# Compiled: the elementwise test and the reduction fuse (no bool copy of a whole weight).
+_all_finite = mx.compile(lambda x: mx.all(mx.isfinite(x)))
+_all_within = mx.compile(lambda x: mx.all(mx.abs(x) <= MAX_WEIGHT))  # False for NaN too
 
 
 def is_linear(m: nn.Module) -> bool:
@@ -113,11 +127,12 @@ class LoRALinear(nn.Module):
             y = y + s.bias
         return y
 
-    def set_loras(self, live: Live, merge: bool = False) -> None:
-        """Make this layer's delta sum_i strength_i * patch_i (merged into W or on the side path)."""
-        object.__setattr__(self, "_live", dict(live))
+    def set_loras(self, live: Live, merge: bool = False, where: str = "layer") -> None:
+        """Make this layer's delta sum_i strength_i * patch_i (merged into W or on the side path).
+        Raises LoRAError, the layer unchanged, when a weight would go past +-MAX_WEIGHT or to NaN."""
         shape = logical_shape(self)
         to_merge = live if merge and not self.quantized else {}
+        w = None
         if _key(to_merge) != _key(self._merged):
             w = self["weight"].astype(mx.float32)
             if self._merged:
@@ -125,9 +140,6 @@ class LoRALinear(nn.Module):
             if to_merge:
                 w = w + _delta(to_merge, shape)
             w = w.astype(self["weight"].dtype)
-            mx.eval(w)
-            self["weight"] = self._base["weight"] = w
-            object.__setattr__(self, "_merged", dict(to_merge))
 
         downs, ups, dense, out = [], [], None, shape[0]
         for name, (patch, strength) in live.items():
@@ -148,7 +160,23 @@ class LoRALinear(nn.Module):
         b = mx.concatenate(ups, axis=1) if ups else None
         bias = _bias_delta(live, out)  # bias deltas always stay here (cheap, exact)
         side = [None if x is None else x.astype(dtype) for x in (a, b, dense, bias)]
-        mx.eval([x for x in side if x is not None])
+        new = [x for x in (w, *side) if x is not None]
+        ok = [_all_finite(x) for x in side if x is not None]  # a cast to float16 may overflow
+        ok += [_all_within(x) for x in (w, side[2], side[3]) if x is not None]
+        if a is not None:
+            norm = lambda x, axis: mx.sqrt(mx.sum(x * x, axis=axis)).max()  # noqa: E731
+            ok.append(norm(b, 1) * norm(a, 0) <= MAX_WEIGHT)
+        mx.eval(new, ok)
+        if not all(x.item() for x in ok):
+            strengths = ", ".join(f"'{n}' at strength {s:g}" for n, (_, s) in live.items())
+            raise LoRAError(
+                f"LoRA {strengths}: the change to {where} takes weights past +-65504 or to NaN "
+                "(a corrupt LoRA or an extreme strength)"
+            )
+        if w is not None:
+            self["weight"] = self._base["weight"] = w
+            object.__setattr__(self, "_merged", dict(to_merge))
+        object.__setattr__(self, "_live", dict(live))
         self._side = SidePath(*side)
 
     def bake(self) -> nn.Module:
@@ -235,9 +263,7 @@ class LoRAStack:
     @classmethod
     def load(cls, paths, scales=None, transformer=None, clip=None, merge=False, log=print) -> LoRAStack:
         """Read, resolve (every key validated before anything changes) and apply LoRA files in order."""
-        scales = [1.0] * len(paths) if scales is None else scales
-        if len(scales) != len(paths):
-            raise ValueError(f"got {len(scales)} LoRA scale(s) for {len(paths)} LoRA path(s)")
+        scales = lora_strengths(paths, scales)
         stack = cls(merge)
         try:
             for path, scale in zip(paths, scales, strict=True):
@@ -262,21 +288,42 @@ class LoRAStack:
         pending = report.skipped.pop(SKIP_NO_CLIP, None) if clip is None else None
         if pending:  # the pipeline releases CLIP between prompts: apply_text_encoder applies these
             report.skipped[PENDING_CLIP] = pending
-        self.entries[name] = Entry(name, lora, float(strength), report, patches, clip is not None)
-        self._refresh(patches, models)
+        strength = _strength(strength, f"LoRA strength for '{name}'")
+        self.entries[name] = Entry(name, lora, strength, report, patches, clip is not None)
+        try:
+            self._refresh(patches, models)
+        except Exception:
+            del self.entries[name]
+            self._refresh(patches, models)
+            raise
         return report
 
     def set_strength(self, name: str, strength: float, transformer: nn.Module, clip: nn.Module | None = None):
         entry = self._entry(name)
-        entry.strength = float(strength)
-        self._refresh(entry.patches, _models(transformer, clip))
+        self._retune([entry], [_strength(strength, f"LoRA strength for '{name}'")], _models(transformer, clip))
 
     def set_scales(self, scales: list[float], transformer: nn.Module, clip: nn.Module | None = None):
         """One strength per LoRA, in the order they were added."""
         if len(scales) != len(self.entries):
             raise ValueError(f"got {len(scales)} LoRA scale(s) for {len(self.entries)} LoRA(s)")
-        for entry, scale in zip(list(self.entries.values()), scales, strict=True):
-            self.set_strength(entry.name, scale, transformer, clip)
+        entries = list(self.entries.values())
+        what = [f"LoRA scale #{i + 1} (for '{e.name}')" for i, e in enumerate(entries)]
+        strengths = [_strength(s, w) for s, w in zip(scales, what, strict=True)]
+        self._retune(entries, strengths, _models(transformer, clip))
+
+    def _retune(self, entries: list[Entry], strengths: list[float], models: dict[str, nn.Module]) -> None:
+        """Set these strengths, or none of them: a LoRAError restores the old ones."""
+        old = [e.strength for e in entries]
+        patches = [p for e in entries for p in e.patches]
+        for e, s in zip(entries, strengths, strict=True):
+            e.strength = s
+        try:
+            self._refresh(patches, models)
+        except LoRAError:
+            for e, s in zip(entries, old, strict=True):
+                e.strength = s
+            self._refresh(patches, models)
+            raise
 
     def remove(self, transformer: nn.Module, clip: nn.Module | None = None, name: str | None = None):
         """Remove one LoRA (by name) or all; the layers they alone touched become the base layers again."""
@@ -286,19 +333,34 @@ class LoRAStack:
 
     def set_merge(self, merge: bool, transformer: nn.Module, clip: nn.Module | None = None):
         """Fold the LoRAs into full-precision weights (True) or move them back to the side path."""
-        self.merge = merge
-        self._refresh([p for e in self.entries.values() for p in e.patches], _models(transformer, clip))
+        old, self.merge = self.merge, merge
+        patches = [p for e in self.entries.values() for p in e.patches]
+        try:
+            self._refresh(patches, _models(transformer, clip))
+        except LoRAError:
+            self.merge = old
+            self._refresh(patches, _models(transformer, clip))
+            raise
 
     def apply_text_encoder(self, clip: nn.Module):
         """Apply the CLIP part of every LoRA to a freshly loaded CLIP model."""
         specs = {"clip": linear_specs(clip)}
+        added = {}
         for entry in self.entries.values():
             if not entry.clip_resolved:
-                entry.patches += resolve_lora(entry.lora, specs, strict=False)[0]
+                added[entry.name] = resolve_lora(entry.lora, specs, strict=False)[0]
+                entry.patches += added[entry.name]
                 entry.clip_resolved = True
-        self._refresh(
-            [p for e in self.entries.values() for p in e.patches if p.component == "clip"], {"clip": clip}
-        )
+        patches = [p for e in self.entries.values() for p in e.patches if p.component == "clip"]
+        try:
+            self._refresh(patches, {"clip": clip})
+        except LoRAError:  # back to unresolved: the next CLIP model gets another try
+            for name, new in added.items():
+                entry = self.entries[name]
+                entry.patches = entry.patches[: len(entry.patches) - len(new)]
+                entry.clip_resolved = False
+            self._refresh(patches, {"clip": clip})
+            raise
 
     def touches_text_encoder(self) -> bool:
         """Whether any LoRA changes CLIP, i.e. whether prompt encodings depend on the strengths."""
@@ -339,9 +401,31 @@ class LoRAStack:
                     continue
                 layer = LoRALinear(layer)
                 _set_module(root, module, layer)
-            layer.set_loras(entries, self.merge)
+            layer.set_loras(entries, self.merge, where=f"{component} module {module}")
             if not entries:
                 _set_module(root, module, layer.unwrap())
+
+
+def lora_strengths(paths: list, scales: list | None) -> list[float]:
+    """One finite strength per LoRA path (1.0 each when `scales` is None): the one count-and-value
+    check for every entry point (Flux1, save, the CLIs)."""
+    paths = list(paths)
+    if scales is None:
+        return [1.0] * len(paths)
+    scales = list(scales)
+    if len(scales) != len(paths):
+        raise LoRAError(f"got {len(scales)} LoRA scale(s) for {len(paths)} LoRA path(s): give one scale per LoRA")
+    return [_strength(s, f"LoRA scale #{i + 1} (for {p})") for i, (s, p) in enumerate(zip(scales, paths, strict=True))]
+
+
+def _strength(value, what: str) -> float:
+    """A strength as a float; NaN or inf would turn every touched layer (and the image) into NaN."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # as the pipeline's finite_number
+        raise LoRAError(f"{what} is {value!r}: a strength must be a number")
+    s = float(value)
+    if not math.isfinite(s):
+        raise LoRAError(f"{what} is {s}: a strength must be a finite number")
+    return s
 
 
 def bake(model: nn.Module) -> int:

@@ -31,16 +31,50 @@ class CLIPParams:
 
     @classmethod
     def from_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> CLIPParams:
-        """Read the sizes off our-named weight shapes (rows and norm widths only: quantized weights read the same)."""
+        """Read the sizes off our-named weight shapes (rows and norm widths only: quantized weights read the same).
+
+        Each size is read off every tensor of layer 0 that carries it and must agree, so a corrupt
+        tensor is named itself (ValueError quoting its key); a missing one is a KeyError naming it.
+        """
+
+        def dim(key: str, axis: int) -> int:
+            shape = shapes[key]
+            if len(shape) <= axis:
+                raise ValueError(f"'{key}' has shape {tuple(shape)}: too few dimensions")
+            return shape[axis]
+
+        def agree(what: str, readings: list[tuple]) -> int:
+            # readings: (key, axis[, multiple]), the first one required; the majority value wins, the
+            # first tensor that disagrees with it is named (a ValueError quoting its key).
+            values = [(r[0], dim(r[0], r[1]) / (r[2] if len(r) > 2 else 1))
+                      for i, r in enumerate(readings) if i == 0 or r[0] in shapes]
+            counts = [v for _, v in values]
+            value = max(counts, key=counts.count)
+            for key, v in values:
+                if v != value or v <= 0:
+                    others = [k for k, w in values if w == value and k != key]
+                    said = f", where {', '.join(repr(k) for k in others)} give {value:g}" if others else ""
+                    raise ValueError(f"'{key}' has shape {tuple(shapes[key])}: it gives {what} = {v:g}{said}")
+            return int(value)
+
+        layer = "encoder.layers.0"
+        hidden = agree("hidden size", [
+            ("final_layer_norm.weight", 0), ("embeddings.token_embedding.weight", 1),
+            ("embeddings.position_embedding.weight", 1), (f"{layer}.layer_norm1.weight", 0),
+            (f"{layer}.self_attn.q_proj.weight", 0), (f"{layer}.self_attn.out_proj.weight", 0),
+            (f"{layer}.mlp.fc2.weight", 0),
+        ])
+        if hidden % cls.head_dim:
+            raise ValueError(f"'final_layer_norm.weight' has shape {(hidden,)}: not a multiple of the "
+                             f"head dim {cls.head_dim}")
         layers = {int(m.group(1)) for key in shapes if (m := _LAYER_INDEX.match(key))}
         return cls(
-            vocab_size=shapes["embeddings.token_embedding.weight"][0],
-            hidden_size=shapes["final_layer_norm.weight"][0],
-            intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
+            vocab_size=agree("vocabulary size", [("embeddings.token_embedding.weight", 0)]),
+            hidden_size=hidden,
+            intermediate_size=agree("mlp width", [(f"{layer}.mlp.fc1.weight", 0), (f"{layer}.mlp.fc1.bias", 0)]),
             num_layers=max(layers) + 1,
-            max_positions=shapes["embeddings.position_embedding.weight"][0],
+            max_positions=agree("position count", [("embeddings.position_embedding.weight", 0)]),
         )
-
 
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, params: CLIPParams):

@@ -34,20 +34,53 @@ class T5Params:
 
         Only output (row) sizes and norm widths are used, so quantized weights (packed input columns)
         read the same, except the tiny relative attention bias table, which must stay unquantized.
+        Each size is read off every tensor of block 0 that carries it and must agree, so a corrupt
+        tensor is named itself (ValueError quoting its key); a missing one is a KeyError naming it.
         """
+
+        def dim(key: str, axis: int) -> int:
+            shape = shapes[key]
+            if len(shape) <= axis:
+                raise ValueError(f"'{key}' has shape {tuple(shape)}: too few dimensions")
+            return shape[axis]
+
+        def agree(what: str, readings: list[tuple]) -> int:
+            # readings: (key, axis[, multiple]), the first one required; the majority value wins, the
+            # first tensor that disagrees with it is named (a ValueError quoting its key).
+            values = [(r[0], dim(r[0], r[1]) / (r[2] if len(r) > 2 else 1))
+                      for i, r in enumerate(readings) if i == 0 or r[0] in shapes]
+            counts = [v for _, v in values]
+            value = max(counts, key=counts.count)
+            for key, v in values:
+                if v != value or v <= 0:
+                    others = [k for k, w in values if w == value and k != key]
+                    said = f", where {', '.join(repr(k) for k in others)} give {value:g}" if others else ""
+                    raise ValueError(f"'{key}' has shape {tuple(shapes[key])}: it gives {what} = {v:g}{said}")
+            return int(value)
+
         attention = "encoder.block.0.layer.0.SelfAttention"
-        num_buckets, num_heads = shapes[f"{attention}.relative_attention_bias.weight"]
+        ff = "encoder.block.0.layer.1.DenseReluDense"
+        num_heads = agree("head count", [(f"{attention}.relative_attention_bias.weight", 1)])
+        d_model = agree("d_model", [
+            ("encoder.final_layer_norm.weight", 0), ("shared.weight", 1),
+            ("encoder.block.0.layer.0.layer_norm.weight", 0),
+            (f"{attention}.o.weight", 0), (f"{ff}.wo.weight", 0), ("encoder.block.0.layer.1.layer_norm.weight", 0),
+        ])
+        inner = agree("attention width", [(f"{attention}.q.weight", 0), (f"{attention}.k.weight", 0),
+                                          (f"{attention}.v.weight", 0)])
+        if inner % num_heads:
+            raise ValueError(f"'{attention}.q.weight' has shape {tuple(shapes[f'{attention}.q.weight'])}: "
+                             f"{inner} rows do not split into {num_heads} heads")
         blocks = {int(m.group(1)) for key in shapes if (m := _BLOCK_INDEX.match(key))}
         return cls(
-            vocab_size=shapes["shared.weight"][0],
-            d_model=shapes["encoder.final_layer_norm.weight"][0],
-            d_kv=shapes[f"{attention}.q.weight"][0] // num_heads,
+            vocab_size=agree("vocabulary size", [("shared.weight", 0)]),
+            d_model=d_model,
+            d_kv=inner // num_heads,
             num_heads=num_heads,
-            d_ff=shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
+            d_ff=agree("d_ff", [(f"{ff}.wi_0.weight", 0), (f"{ff}.wi_1.weight", 0)]),
             num_layers=max(blocks) + 1,
-            relative_attention_num_buckets=num_buckets,
+            relative_attention_num_buckets=agree("bucket count", [(f"{attention}.relative_attention_bias.weight", 0)]),
         )
-
 
 def relative_position_bucket(relative_position: mx.array, num_buckets: int, max_distance: int) -> mx.array:
     """Bidirectional T5 bucket (int32, same shape) of each relative position (key index - query index).

@@ -39,28 +39,74 @@ class FluxParams:
 
     @classmethod
     def from_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> FluxParams:
-        hidden, in_channels = shapes["img_in.weight"]
-        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.weight"][0] if any(
-            k.startswith("double_blocks.") for k in shapes
-        ) else shapes["single_blocks.0.norm.query_norm.weight"][0]
+        """Read the sizes off our-named weight shapes.
+
+        Each width is read off every tensor that carries it and must agree: one corrupt tensor is then
+        named itself (ValueError quoting its key), not a later tensor that no longer fits the
+        architecture it implied. A missing tensor that a width is read from is a KeyError naming it.
+        """
+
+        def dim(key: str, axis: int) -> int:
+            shape = shapes[key]
+            if len(shape) <= axis:
+                raise ValueError(f"'{key}' has shape {tuple(shape)}: too few dimensions")
+            return shape[axis]
+
+        def agree(what: str, readings: list[tuple[str, int, int]]) -> int:
+            # readings: (key, axis, offset), the first one required; the majority value wins, the first
+            # tensor that disagrees with it is named.
+            values = [(key, dim(key, axis) - offset) for i, (key, axis, offset) in enumerate(readings)
+                      if i == 0 or key in shapes]
+            counts = [v for _, v in values]
+            value = max(counts, key=counts.count)
+            for key, v in values:
+                if v != value or v <= 0:
+                    others = [k for k, w in values if w == value and k != key]
+                    said = f", where {', '.join(repr(k) for k in others)} give {value}" if others else ""
+                    raise ValueError(f"'{key}' has shape {tuple(shapes[key])}: it gives {what} = {v}{said}")
+            return value
 
         def count(prefix: str) -> int:
-            ids = {int(k.split(".")[1]) for k in shapes if k.startswith(prefix + ".")}
+            ids = {int(k.split(".")[1]) for k in shapes if k.startswith(prefix + ".") and k.split(".")[1].isdigit()}
             return max(ids) + 1 if ids else 0
 
+        double = any(k.startswith("double_blocks.") for k in shapes)
+        hidden = agree("hidden size", [
+            ("img_in.weight", 0, 0), ("img_in.bias", 0, 0), ("txt_in.weight", 0, 0), ("txt_in.bias", 0, 0),
+            ("time_in.in_layer.weight", 0, 0), ("vector_in.in_layer.weight", 0, 0),
+            ("final_layer.linear.weight", 1, 0), ("final_layer.adaLN_modulation.layers.1.weight", 1, 0),
+        ])
+        in_channels = agree("in_channels", [
+            ("img_in.weight", 1, 0), ("final_layer.linear.weight", 0, 0), ("final_layer.linear.bias", 0, 0),
+        ])
+        norm = "double_blocks.0.img_attn.norm" if double else "single_blocks.0.norm"
+        head_dim = agree("head dim", [(f"{norm}.query_norm.weight", 0, 0), (f"{norm}.key_norm.weight", 0, 0)])
+        if hidden % head_dim:
+            raise ValueError(f"'{norm}.query_norm.weight' has shape {(head_dim,)}: head dim {head_dim} does "
+                             f"not divide the hidden size {hidden}")
+        if "single_blocks.0.linear1.weight" in shapes:
+            mlp_hidden = agree("mlp width", [
+                ("single_blocks.0.linear1.weight", 0, 3 * hidden), ("single_blocks.0.linear2.weight", 1, hidden),
+                ("double_blocks.0.img_mlp.layers.0.weight", 0, 0), ("double_blocks.0.img_mlp.layers.2.weight", 1, 0),
+            ])
+        else:
+            mlp_hidden = agree("mlp width", [
+                ("double_blocks.0.img_mlp.layers.0.weight", 0, 0), ("double_blocks.0.img_mlp.layers.0.bias", 0, 0),
+                ("double_blocks.0.img_mlp.layers.2.weight", 1, 0),
+            ])
+        time_dim = agree("timestep features", [("time_in.in_layer.weight", 1, 0),
+                                               ("guidance_in.in_layer.weight", 1, 0)])
         return cls(
             in_channels=in_channels,
-            context_dim=shapes["txt_in.weight"][1],
-            vec_dim=shapes["vector_in.in_layer.weight"][1],
+            context_dim=agree("context width", [("txt_in.weight", 1, 0)]),
+            vec_dim=agree("pooled width", [("vector_in.in_layer.weight", 1, 0)]),
             hidden_size=hidden,
             num_heads=hidden // head_dim,
-            mlp_hidden=shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
-            if "single_blocks.0.linear1.weight" in shapes
-            else shapes["double_blocks.0.img_mlp.layers.0.weight"][0],
+            mlp_hidden=mlp_hidden,
             depth=count("double_blocks"),
             depth_single=count("single_blocks"),
             guidance_embed="guidance_in.in_layer.weight" in shapes,
-            time_dim=shapes["time_in.in_layer.weight"][1],
+            time_dim=time_dim,
         )
 
 

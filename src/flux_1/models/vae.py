@@ -12,6 +12,9 @@ row strips when large (`Conv3x3`): MLX's CPU backend lowers a conv to an im2col 
 """
 
 import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -33,24 +36,83 @@ class VAEParams:
 
     @classmethod
     def from_shapes(cls, shapes: dict[str, tuple]) -> "VAEParams":
-        """Read widths and depths off our-named weight shapes (conv weights are (O, kH, kW, I))."""
+        """Read widths and depths off our-named weight shapes (conv weights are (O, kH, kW, I)).
+
+        Each width is read off every tensor that carries it and must agree, so a corrupt tensor is
+        named itself (ValueError quoting its key); a missing one is a KeyError naming it.
+        """
+
+        def dim(key: str, axis: int) -> int:
+            shape = shapes[key]
+            if len(shape) <= axis:
+                raise ValueError(f"'{key}' has shape {tuple(shape)}: too few dimensions")
+            return shape[axis]
+
+        def agree(what: str, readings: list[tuple]) -> int:
+            # readings: (key, axis[, multiple]), the first one required; the majority value wins, the
+            # first tensor that disagrees with it is named (a ValueError quoting its key).
+            values = [(r[0], dim(r[0], r[1]) / (r[2] if len(r) > 2 else 1))
+                      for i, r in enumerate(readings) if i == 0 or r[0] in shapes]
+            counts = [v for _, v in values]
+            value = max(counts, key=counts.count)
+            for key, v in values:
+                if v != value or v <= 0:
+                    others = [k for k, w in values if w == value and k != key]
+                    said = f", where {', '.join(repr(k) for k in others)} give {value:g}" if others else ""
+                    raise ValueError(f"'{key}' has shape {tuple(shapes[key])}: it gives {what} = {v:g}{said}")
+            return int(value)
+
         blocks = []
         while f"encoder.down_blocks.{len(blocks)}.resnets.0.conv1.weight" in shapes:
-            blocks.append(shapes[f"encoder.down_blocks.{len(blocks)}.resnets.0.conv1.weight"][0])
+            i = len(blocks)
+            blocks.append(agree(f"block {i} width", [
+                (f"encoder.down_blocks.{i}.resnets.0.conv1.weight", 0),
+                (f"encoder.down_blocks.{i}.resnets.0.conv1.bias", 0),
+                (f"encoder.down_blocks.{i}.resnets.0.conv2.weight", 0),
+                (f"encoder.down_blocks.{i}.resnets.0.norm2.weight", 0),
+            ]))
+        if not blocks:
+            shapes["encoder.down_blocks.0.resnets.0.conv1.weight"]  # KeyError: names the first missing block
         layers = 0
         while f"encoder.down_blocks.0.resnets.{layers}.conv1.weight" in shapes:
             layers += 1
         return cls(
-            in_channels=shapes["encoder.conv_in.weight"][3],
-            out_channels=shapes["decoder.conv_out.weight"][0],
-            latent_channels=shapes["decoder.conv_in.weight"][3],
+            in_channels=agree("image channels in", [("encoder.conv_in.weight", 3)]),
+            out_channels=agree("image channels out", [("decoder.conv_out.weight", 0), ("decoder.conv_out.bias", 0)]),
+            latent_channels=agree("latent channels", [  # the encoder outputs mean | log-variance
+                ("decoder.conv_in.weight", 3), ("encoder.conv_out.weight", 0, 2), ("encoder.conv_out.bias", 0, 2),
+            ]),
             block_out_channels=tuple(blocks),
             layers_per_block=layers,
         )
 
-
 # Bytes of im2col buffer one strip of a 3x3 conv may need (9 x the strip's input).
 STRIP_BYTES = 256 * 2**20
+
+
+class _Progress:
+    """Counts the conv strips of a decode: a counting pass (lazy: nothing is evaluated) gives the
+    total, then the real pass reports each strip as it is evaluated."""
+
+    def __init__(self, callback: Callable[[int, int], None] | None, counting: bool, total: int = 0):
+        self.callback, self.counting, self.total, self.done = callback, counting, total, 0
+
+    def step(self) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+_progress: ContextVar[_Progress | None] = ContextVar("vae_progress", default=None)
+
+
+@contextmanager
+def _reporting(progress: _Progress):
+    token = _progress.set(progress)
+    try:
+        yield progress
+    finally:
+        _progress.reset(token)
 
 
 class Conv3x3(nn.Conv2d):
@@ -67,8 +129,17 @@ class Conv3x3(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         rows = max(1, STRIP_BYTES // (9 * B * W * C * x.dtype.size))
+        progress = _progress.get()
+        if progress is not None and progress.counting:  # shapes only: nothing is computed
+            progress.total += -(-H // rows)
+            return mx.zeros((B, H, W, self.weight.shape[0]), dtype=x.dtype)
         if rows >= H:
-            return super().__call__(x)
+            if progress is None:
+                return super().__call__(x)
+            out = super().__call__(x)
+            mx.eval(out)  # evaluated here only to report it: the same numbers either way
+            progress.step()
+            return out
         strips = []
         for top in range(0, H, rows):
             bottom = min(top + rows, H)
@@ -77,6 +148,8 @@ class Conv3x3(nn.Conv2d):
             strip = mx.pad(strip, [(0, 0), pad_rows, (1, 1), (0, 0)])
             strips.append(mx.conv2d(strip, self.weight))
             mx.eval(strips[-1])  # one strip's im2col buffer at a time (a lazy graph would overlap them)
+            if progress is not None:
+                progress.step()
         return mx.concatenate(strips, axis=1) + self.bias
 
 
@@ -246,9 +319,18 @@ class AutoEncoder(nn.Module):
         # As diffusers' DiagonalGaussianDistribution, so exp(logvar) stays finite.
         return mean, mx.clip(logvar, -30.0, 20.0)
 
-    def decode(self, latents: mx.array) -> mx.array:
-        """(B, h, w, latent_channels) unscaled latents -> (B, 8h, 8w, 3) image, roughly in [-1, 1]."""
-        return self.decoder(latents)
+    def decode(self, latents: mx.array, progress: Callable[[int, int], None] | None = None) -> mx.array:
+        """(B, h, w, latent_channels) unscaled latents -> (B, 8h, 8w, 3) image, roughly in [-1, 1].
+
+        `progress(done, total)` is called after each 3x3 conv (strip) is evaluated; total is counted
+        first by tracing the decoder lazily (no computation). The output is the same with or without it.
+        """
+        if progress is None:
+            return self.decoder(latents)
+        with _reporting(_Progress(None, counting=True)) as count:
+            self.decoder(latents)  # a lazy graph, never evaluated: only counts the strips
+        with _reporting(_Progress(progress, counting=False, total=count.total)):
+            return self.decoder(latents)
 
     def scale_latents(self, z: mx.array) -> mx.array:
         """Encoder latents -> the transformer's latent space."""

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -13,36 +18,156 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import quantization as q
-from ..components import default_precision, precision_dtype, require_tokenizers
+from ..backend import quiet_transformers
+from ..components import COMPONENTS, default_precision, precision_dtype, require_tokenizers
 from ..loading import load_component
+from ..lora import lora_strengths
+from ..models.transformer import FluxParams
 from . import sampler
 from .variants import Variant, variant
+
+# Hard caps, whatever the machine: they keep every size computation far from int64 overflow (tokens
+# <= 2**24, pixels <= 2**32) and a typo (`--steps 1000000000`) from running for ever. Sizes below the
+# caps are then checked against the machine's memory (`check_size`).
+MAX_STEPS = 10_000
+MAX_SIDE = 65_536
+TEXT_TOKENS = 512  # T5 tokens of dev (schnell uses 256): the estimate takes the larger
+FLUX1 = FluxParams()  # the real FLUX.1 widths, for estimates made before any weight is read
+
+
+class NonFiniteError(ValueError):
+    """The latents stopped being finite numbers during denoising (an overflow, a broken LoRA...)."""
+
+
+def _integer(value, name: str) -> int:
+    """An int, or a float with an integral value (1024.0, as JSON or arithmetic may give); never a bool."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not isinstance(value, numbers.Integral):
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def finite_number(value, name: str) -> float:
+    """A finite float (argparse's and Python's float() both accept 'nan' and 'inf'); never a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def check_prompt(prompt) -> str:
+    """A non-empty str that is valid Unicode: argv bytes that are not UTF-8 arrive as lone surrogates
+    ('\\udcff'), which the tokenizers and the PNG/JSON metadata cannot encode."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be a str, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the prompt is not valid UTF-8 (undecodable byte at character {e.start}): "
+                         "pass UTF-8 text") from None
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    return prompt
+
+
+# -- memory -------------------------------------------------------------------------------------------
+
+
+def available_memory() -> tuple[int | None, str]:
+    """(bytes, what) the default device can hold: the GPU's memory size, else the physical RAM."""
+    if mx.default_device() == mx.gpu:
+        try:
+            info = mx.device_info()
+        except Exception:  # older mlx: Metal only
+            info = mx.metal.device_info()
+        size = info.get("memory_size") or info.get("total_memory")
+        if size:
+            return int(size), "GPU memory"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+    except (ValueError, OSError, AttributeError):
+        return None, "memory"
+
+
+def estimate_memory(height: int, width: int, dtype: mx.Dtype, params: FluxParams = FLUX1,
+                    on_gpu: bool | None = None) -> dict[str, int]:
+    """Bytes of activations the largest stages need at this size (weights not counted: a lower bound).
+
+    - transformer: per token of the joint sequence ((H/16)(W/16) image + 512 text tokens), a single
+      block holds about 12 hidden-wide and 3 mlp-wide vectors at once (input, linear1's q|k|v|mlp,
+      RoPE'd q and k in float32, the attention output, the MLP activation, the concat, linear2's
+      output). On the CPU, MLX's attention materialises the float32 scores, heads x tokens^2; the GPU
+      kernels are fused and do not.
+    - VAE decode: its convs run in strips, but the full-resolution tensors of the last up blocks are
+      whole: about 640 channels' worth at H x W (the 256-channel upsampled input, the 128-channel
+      working tensors and residual), plus the mid-block attention scores over (H/8)(W/8) pixels on CPU.
+    """
+    on_gpu = mx.default_device() == mx.gpu if on_gpu is None else on_gpu
+    b = dtype.size
+    tokens = (height // 16) * (width // 16) + TEXT_TOKENS
+    transformer = tokens * (12 * params.hidden_size + 3 * params.mlp_hidden) * b
+    if not on_gpu:
+        transformer += params.num_heads * tokens * tokens * 4
+    pixels = height * width
+    vae = pixels * 640 * b + (0 if on_gpu else (pixels // 64) ** 2 * 4)
+    return {"transformer": transformer, "vae decode": vae}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_size(height: int, width: int, dtype: mx.Dtype, params: FluxParams = FLUX1) -> None:
+    """Refuse a size whose activations alone exceed the device's memory (estimated, before loading)."""
+    need = estimate_memory(height, width, dtype, params)
+    stage, peak = max(need.items(), key=lambda kv: kv[1])
+    have, what = available_memory()
+    if have is not None and peak > have:
+        raise ValueError(f"{width}x{height} needs about {_gib(peak)} for the {stage} alone "
+                         f"(estimated, weights not counted), more than this machine's {_gib(have)} of "
+                         f"{what}: choose a smaller size")
 
 
 @dataclass
 class Config:
+    """Sizes and steps are ints (an integral float such as 1024.0 is accepted; a bool, a string or
+    1024.5 is not); guidance is a finite number. Every check raises a ValueError naming the field."""
+
     num_inference_steps: int | None = None  # None: the model's default (schnell 4, dev 25)
     height: int = 1024
     width: int = 1024
     guidance: float = 3.5  # dev only; schnell has no guidance embedder and ignores it
 
     def __post_init__(self):
-        if self.num_inference_steps is not None and self.num_inference_steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.num_inference_steps}")
+        if self.num_inference_steps is not None:
+            steps = _integer(self.num_inference_steps, "steps")
+            if steps < 1:
+                raise ValueError(f"steps must be >= 1, got {steps}")
+            if steps > MAX_STEPS:
+                raise ValueError(f"steps must be at most {MAX_STEPS}, got {steps}")
+            self.num_inference_steps = steps
+        self.guidance = finite_number(self.guidance, "guidance")
         for name in ("height", "width"):
-            value = getattr(self, name)
+            value = _integer(getattr(self, name), name)
             if value < 16:
                 raise ValueError(f"{name} must be at least 16 pixels, got {value}")
+            if value > MAX_SIDE:
+                raise ValueError(f"{name} must be at most {MAX_SIDE} pixels, got {value}")
             if value % 16:
                 rounded = value // 16 * 16
                 warnings.warn(f"{name} {value} is not a multiple of 16: using {rounded}", stacklevel=3)
-                setattr(self, name, rounded)
+                value = rounded
+            setattr(self, name, value)
 
 
 @dataclass
 class GeneratedImage:
     image: Image.Image
-    seed: int
+    seed: int | None  # None: the image started from given latents, not from the seed's noise
     prompt: str
     config: Config
     model: str
@@ -50,6 +175,9 @@ class GeneratedImage:
     quantization: dict | None
     loras: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # Whether config.guidance was used: the transformer has a guidance embedder (None: dev alias).
+    uses_guidance: bool | None = None
+    latents_given: bool = False
 
     def metadata(self) -> dict:
         from .metadata import image_metadata
@@ -62,38 +190,114 @@ class GeneratedImage:
         return save_png(self, Path(path), overwrite=overwrite, sidecar=sidecar)
 
 
+# -- reading the architecture without loading ---------------------------------------------------------
+
+
+def component_shapes(root: Path, component: str) -> dict[str, tuple[int, ...]]:
+    """Our-named (logical, unpacked) weight shapes of one component, from safetensors headers only."""
+    from ..loading import folder, saved
+    from ..loading.weights import shapes_of
+
+    root = Path(root)
+    if saved.is_saved_folder(root):
+        files, meta = saved.component_metadata(root, component)
+        try:
+            plan = json.loads(meta.get("layers", "{}"))
+        except ValueError as e:
+            raise saved.SavedFormatError(f"{files[0]}: unreadable quantization metadata ({e})") from None
+        shapes = {}
+        for f in files:
+            _, header = saved.read_header(f)
+            for key, info in header.items():
+                module, _, param = key.rpartition(".")
+                how = plan.get(module) if param == "weight" else None
+                shape = tuple(info["shape"])
+                shapes[key] = q.logical_shape(shape, int(how["bits"])) if how else shape
+        return shapes
+    source = folder.find_source(root, component)
+    return source.shapes or shapes_of(source.weights)
+
+
+def skeleton(component: str, shapes: dict, dtype: mx.Dtype):
+    """The module tree of a component, never evaluated: MLX arrays are lazy, so its random
+    initial weights take no memory. LoRAs are resolved (and side paths built) against it."""
+    model = COMPONENTS[component].build(shapes)
+    model.set_dtype(dtype)
+    return model
+
+
+def default_shapes(component: str, guidance: bool) -> dict:
+    """Shapes of the real FLUX.1 component (the params' defaults), for checks with no local folder."""
+    from mlx.utils import tree_flatten
+
+    from ..models.clip import CLIPParams, CLIPTextModel
+
+    if component == "clip":
+        model = CLIPTextModel(CLIPParams())
+    else:
+        from ..models.transformer import FluxTransformer
+
+        model = FluxTransformer(FluxParams(guidance_embed=guidance))
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def resolve_loras(paths: list[str], scales: list[float] | None, transformer_shapes: dict, clip_shapes: dict,
+                  dtype: mx.Dtype = mx.float32, log=None):
+    """Read and resolve LoRA files against skeletons of the models (nothing loaded): every key, shape
+    and strength is checked, as applying them would. Returns the LoRAStack (side path, not merged)."""
+    from ..lora import LoRAStack
+
+    return LoRAStack.load(paths, scales, skeleton("transformer", transformer_shapes, dtype),
+                          skeleton("clip", clip_shapes, dtype), merge=False, log=log)
+
+
 class Flux1:
     """FLUX.1 schnell or dev: text encoders, transformer and VAE, loaded from one folder.
 
-    Components are built from the weights' own shapes. With `low_memory`, the text encoders are
-    released after each prompt is encoded (and reloaded for a new prompt) and the transformer is
-    loaded only after the first prompt is encoded, so peak memory is the largest stage (text encoding,
-    or denoising) rather than the sum of all models.
+    Components are built from the weights' own shapes. With `low_memory` (the default, as in the
+    CLI), the text encoders are released after each prompt is encoded (and reloaded for a new
+    prompt) and the transformer is loaded only after the first prompt is encoded, whatever else is
+    asked: peak memory is the largest stage (text encoding, or denoising) rather than the sum of all
+    models. What needs the transformer before that is read off its safetensors headers instead:
+    whether it has a guidance embedder, and the modules LoRAs are resolved against (a lazy skeleton).
+    LoRAs are read and checked before any weight loads; their CLIP part is applied when CLIP loads
+    (before the prompt is encoded), their transformer part when the transformer loads.
     """
 
     def __init__(self, root: Path, variant: Variant, precision: str | None = None,
-                 quantize: int | str | None = None, low_memory: bool = False,
+                 quantize: int | str | None = None, low_memory: bool = True,
                  lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
-                 lora_merge: bool = True):
+                 lora_merge: bool = True, progress: bool = True):
         precision = precision or default_precision()
         self.dtype = precision_dtype(precision)
         self.root, self.variant, self.precision = Path(root), variant, precision
         self.low_memory = low_memory
         self.lora_merge = lora_merge
+        self.progress = progress
         self.timings: dict[str, float] = {}
-        t0 = time.perf_counter()
         self.quant_spec = q.parse(quantize)
+        lora_scales = lora_strengths(lora_paths or [], lora_scales) if lora_paths else None
         self._prompt_cache: dict[str, tuple[mx.array, mx.array]] = {}
         self.loras = None
         self._transformer = None
-        self.vae = self._load("vae")
         self.t5 = self.clip = None
+        # Read off the headers now: guidance and LoRA checks must not load the transformer early.
+        self.transformer_params = FluxParams.from_shapes(component_shapes(self.root, "transformer"))
+        if self.transformer_params.guidance_embed != variant.guidance_distilled:
+            holds = ("a guidance-distilled (dev-like)" if self.transformer_params.guidance_embed
+                     else "a schnell-like (no guidance embedder)")
+            note = "" if self.transformer_params.guidance_embed else ": guidance is ignored"
+            warnings.warn(f"{self.root} holds {holds} transformer; loaded as {variant.alias!r}{note}",
+                          stacklevel=3)
+        self.baked_loras = self._baked_loras()
+        t0 = time.perf_counter()
+        if lora_paths:  # read and checked before any weight loads
+            self.set_loras(lora_paths, lora_scales)
+        self.vae = self._load("vae")
         self._load_text_encoders()
-        if not low_memory or lora_paths:  # LoRAs are checked against the transformer at once
+        if not low_memory:
             self._load_transformer()
         self.timings["load"] = time.perf_counter() - t0
-        if lora_paths:
-            self.set_loras(lora_paths, lora_scales)
 
     @property
     def transformer(self):
@@ -105,20 +309,23 @@ class Flux1:
 
     def _load_transformer(self):
         t0 = time.perf_counter()
+        if self.low_memory and self.t5 is not None:  # encoders no longer needed once a prompt is cached
+            self._free_text_encoders()
         self._transformer = self._load("transformer")
+        if self.loras is not None:  # resolved at construction; the transformer part is applied now
+            self.loras.set_merge(self.lora_merge, self._transformer, self.clip)
         self.timings["load_transformer"] = time.perf_counter() - t0
-        has_guidance = self._transformer.params.guidance_embed
-        if has_guidance != self.variant.guidance_distilled:
-            holds = "a guidance-distilled (dev-like)" if has_guidance else "a schnell-like (no guidance embedder)"
-            warnings.warn(f"{self.root} holds {holds} transformer; loaded as {self.variant.alias!r}", stacklevel=3)
 
     # -- construction ----------------------------------------------------------------------------
 
     @classmethod
     def from_alias(cls, alias: str, path: str | Path | None = None, quantize: int | str | None = None,
                    lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
-                   precision: str | None = None, low_memory: bool = False, lora_merge: bool = True) -> Flux1:
+                   precision: str | None = None, low_memory: bool = True, lora_merge: bool = True,
+                   progress: bool = True) -> Flux1:
         facts = variant(alias)
+        if lora_paths:
+            lora_strengths(lora_paths, lora_scales)  # before any download
         if path is None:
             from ..loading.hub import download
 
@@ -128,13 +335,28 @@ class Flux1:
             if not root.is_dir():
                 raise FileNotFoundError(f"model path {root} does not exist or is not a folder")
         return cls(root, facts, precision=precision, quantize=quantize, low_memory=low_memory,
-                   lora_paths=lora_paths, lora_scales=lora_scales, lora_merge=lora_merge)
+                   lora_paths=lora_paths, lora_scales=lora_scales, lora_merge=lora_merge, progress=progress)
 
     def _load(self, component: str):
+        if self.progress:
+            print(f"loading {component}", file=sys.stderr, flush=True)
         return load_component(self.root, component, self.dtype, self.quant_spec)
 
+    def _baked_loras(self) -> list[dict]:
+        """LoRAs merged into a saved folder's weights (its manifest lists them), for the metadata."""
+        from ..loading import saved
+
+        if not saved.is_saved_folder(self.root):
+            return []
+        entries = []
+        for lora in saved.read_manifest(self.root).get("loras") or []:
+            name = Path(str(lora.get("name") or lora.get("path") or "lora")).stem
+            entries.append({"name": name, "scale": float(lora.get("scale", 1.0)), "baked": True})
+        return entries
+
     def _load_text_encoders(self):
-        from transformers import CLIPTokenizer, T5TokenizerFast
+        with quiet_transformers():  # no "PyTorch was not found" advice: we only use the tokenizers
+            from transformers import CLIPTokenizer, T5TokenizerFast
 
         require_tokenizers(self.root)
         self.clip_tokenizer = CLIPTokenizer.from_pretrained(str(self.root / "tokenizer"))
@@ -144,9 +366,14 @@ class Flux1:
         if self.loras is not None:
             self.loras.apply_text_encoder(self.clip)
 
+    def _free_text_encoders(self):
+        self.t5 = self.clip = None
+        mx.clear_cache()
+
     @property
     def is_guidance_distilled(self) -> bool:
-        return self.transformer.params.guidance_embed
+        """Whether the transformer has a guidance embedder (read off its weights; nothing is loaded)."""
+        return self.transformer_params.guidance_embed
 
     @property
     def quantization(self) -> dict | None:
@@ -172,59 +399,112 @@ class Flux1:
         (the default: no per-step cost); quantized layers always use an exact low-rank side path.
         With lora_merge=False every layer uses the side path, so strength changes and removal
         return bit-exactly to the base weights (compare.py's strength sweeps).
+
+        Models not loaded now (the transformer before the first prompt, the text encoders after it,
+        with `low_memory`) are stood in for by lazy skeletons built from the weight headers: every key
+        is resolved and checked now, and the LoRAs are applied to each model when it is loaded.
         """
+        scales = lora_strengths(paths, scales)
+        transformer = self._transformer if self._transformer is not None else skeleton(
+            "transformer", component_shapes(self.root, "transformer"), self.dtype)
+        clip = self.clip if self.clip is not None else skeleton(
+            "clip", component_shapes(self.root, "clip"), self.dtype)
+        if self.loras is not None:
+            self.loras.remove(transformer, clip)  # a skeleton holds nothing to undo
+        self.loras = None
+        # The side path (merge=False) never evaluates a skeleton's weights; the merge mode wanted is
+        # set on the real models below, or when they are loaded (set_merge / apply_text_encoder).
         from ..lora import LoRAStack
 
-        if scales is None:
-            scales = [1.0] * len(paths)
-        if len(scales) != len(paths):
-            raise ValueError(f"got {len(scales)} LoRA scale(s) for {len(paths)} LoRA path(s)")
-        if self.loras is not None:
-            self.loras.remove(self.transformer, self.clip)
-        self.loras = LoRAStack.load(paths, scales, self.transformer, self.clip, merge=self.lora_merge)
+        stack = LoRAStack.load(paths, scales, transformer, clip, merge=False,
+                               log=print if self.progress else None)
+        if self._transformer is not None:
+            stack.set_merge(self.lora_merge, self._transformer, self.clip)
+        else:
+            stack.merge = self.lora_merge  # applies from the next refresh (loading a model)
+            if self.clip is not None:
+                stack.apply_text_encoder(self.clip)
+        self.loras = stack
         self._prompt_cache.clear()
 
     def set_lora_scales(self, scales: list[float]):
         """Change LoRA strengths without reloading anything."""
         if self.loras is None:
             raise ValueError("no LoRA is applied")
-        self.loras.set_scales(scales, self.transformer, self.clip)
+        scales = lora_strengths(list(self.loras.entries), scales)
+        transformer = self._transformer
+        if transformer is None and not self.loras.merge:
+            # Not loaded yet (low_memory): retune against a skeleton (the side path never evaluates
+            # its weights); the strengths reach the transformer when it is loaded.
+            transformer = skeleton("transformer", component_shapes(self.root, "transformer"), self.dtype)
+        elif transformer is None:
+            transformer = self.transformer  # merging needs the real weights
+        self.loras.set_scales(scales, transformer, self.clip)
         if self.loras.touches_text_encoder():
             self._prompt_cache.clear()
 
     def lora_info(self) -> list[dict]:
-        return self.loras.info() if self.loras is not None else []
+        live = self.loras.info() if self.loras is not None else []
+        return [*self.baked_loras, *live]
 
     # -- generation --------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str) -> tuple[mx.array, mx.array]:
         """(T5 hidden states (1, L, 4096), CLIP pooled (1, 768)), cached per prompt."""
-        if not prompt or not prompt.strip():
-            raise ValueError("the prompt is empty")
+        check_prompt(prompt)
         if prompt in self._prompt_cache:
             return self._prompt_cache[prompt]
         if self.t5 is None:
+            if self.low_memory and self._transformer is not None:
+                # A new prompt: the transformer goes (and is reloaded, LoRAs re-applied, to denoise),
+                # so the encoders and the transformer are never resident together.
+                self._transformer = None
+                mx.clear_cache()
             self._load_text_encoders()
         clip_ids = self.clip_tokenizer(prompt, padding="max_length", max_length=self.clip_tokenizer.model_max_length,
                                        truncation=True, return_tensors="np").input_ids
         t5_ids = self.t5_tokenizer(prompt, padding="max_length", max_length=self.variant.max_sequence_length,
                                    truncation=True, return_tensors="np").input_ids
-        _, pooled = self.clip(mx.array(clip_ids.astype(np.int32)))
-        txt = self.t5(mx.array(t5_ids.astype(np.int32)))
-        mx.eval(txt, pooled)
+        with tqdm(total=2, desc="text encoding", unit="model", disable=not self.progress) as bar:
+            _, pooled = self.clip(mx.array(clip_ids.astype(np.int32)))
+            mx.eval(pooled)
+            bar.update()
+            txt = self.t5(mx.array(t5_ids.astype(np.int32)))
+            mx.eval(txt)
+            bar.update()
         self._prompt_cache = {prompt: (txt, pooled)}
         if self.low_memory:
-            self.t5 = self.clip = None
-            mx.clear_cache()
+            self._free_text_encoders()
         return txt, pooled
 
-    def generate_image(self, seed: int, prompt: str, config: Config | None = None,
+    def check_size(self, config: Config) -> None:
+        """Refuse a size that cannot fit in memory (see `check_size`), before anything runs."""
+        check_size(config.height, config.width, self.dtype, self.transformer_params)
+
+    def generate_image(self, seed: int | None, prompt: str, config: Config | None = None,
                        latents=None, progress: bool = True) -> GeneratedImage:
+        """One image. With `latents` (packed, (1, H/16 * W/16, 64)) the seed is not used: the metadata
+        records `seed: null` and `latents: "given"`."""
         config = config or Config()
+        if not isinstance(config, Config):
+            raise ValueError(f"config must be a Config, got {type(config).__name__}")
+        check_prompt(prompt)
+        if latents is None:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+                raise ValueError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
+        self.check_size(config)
         steps = config.num_inference_steps or self.variant.default_steps
         h, w = config.height, config.width
         rows, cols = sampler.latent_grid(h, w)
         timings = {}
+        if latents is not None:  # checked before the (slow) text encoding
+            x = mx.array(np.asarray(latents) if not isinstance(latents, mx.array) else latents)
+            want = (1, rows * cols, 4 * sampler.LATENT_CHANNELS)
+            if tuple(x.shape) != want:
+                raise ValueError(f"latents have shape {tuple(x.shape)}, expected {want} for {w}x{h}")
+            x = x.astype(self.dtype)
+            if not mx.isfinite(x).all().item():
+                raise ValueError("the given latents hold NaN or infinite values")
 
         t0 = time.perf_counter()
         txt, pooled = self.encode_prompt(prompt)
@@ -232,12 +512,6 @@ class Flux1:
 
         if latents is None:
             x = sampler.initial_noise(seed, h, w, self.dtype)
-        else:
-            x = mx.array(np.asarray(latents) if not isinstance(latents, mx.array) else latents)
-            want = (1, rows * cols, 4 * sampler.LATENT_CHANNELS)
-            if tuple(x.shape) != want:
-                raise ValueError(f"latents have shape {tuple(x.shape)}, expected {want} for {w}x{h}")
-            x = x.astype(self.dtype)
         if self._transformer is None:  # low_memory: first loaded now, after the text encoders are freed
             self._load_transformer()
             timings["load_transformer"] = self.timings["load_transformer"]
@@ -251,23 +525,35 @@ class Flux1:
             t = mx.array([float(sigmas[i])], dtype=mx.float32)
             v = self.transformer(x, txt, pooled, t, img_ids, txt_ids, guidance=guidance, pe=pe)
             x = sampler.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
-            mx.eval(x)  # once per step: progress and timings are real
+            finite = mx.isfinite(x).all()
+            mx.eval(x, finite)  # once per step: progress and timings are real; the check rides along
+            if not finite.item():
+                what = "NaN" if mx.isnan(x).any().item() else "infinite"
+                raise NonFiniteError(
+                    f"the latents became {what} at step {i + 1} of {steps}: a numeric overflow in "
+                    f"{self.precision} (try --precision float32, or a lower LoRA strength) or broken weights")
         timings["denoising"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        pixels = self.decode(x, h, w)
+        pixels = self.decode(x, h, w, progress=progress)
         timings["decoding"] = time.perf_counter() - t0
         return GeneratedImage(
-            image=Image.fromarray(pixels), seed=seed, prompt=prompt, config=Config(steps, h, w, config.guidance),
-            model=self.variant.alias, precision=self.precision, quantization=self.quantization,
-            loras=self.lora_info(), timings=timings,
+            image=Image.fromarray(pixels), seed=None if latents is not None else int(seed), prompt=prompt,
+            config=Config(steps, h, w, config.guidance), model=self.variant.alias, precision=self.precision,
+            quantization=self.quantization, loras=self.lora_info(), timings=timings,
+            uses_guidance=self.is_guidance_distilled, latents_given=latents is not None,
         )
 
-    def decode(self, tokens: mx.array, height: int, width: int) -> np.ndarray:
-        """Packed latents -> (H, W, 3) uint8 pixels."""
+    def decode(self, tokens: mx.array, height: int, width: int, progress: bool = False) -> np.ndarray:
+        """Packed latents -> (H, W, 3) uint8 pixels; with `progress`, a bar advancing per conv strip."""
         z = self.vae.unscale_latents(sampler.unpack(tokens, height, width).astype(mx.float32))
-        image = self.vae.decode(z.astype(self.dtype))[0].astype(mx.float32)
-        image = mx.clip(image / 2 + 0.5, 0.0, 1.0)
-        mx.eval(image)
-        return np.round(np.array(image) * 255).astype(np.uint8)
+        with tqdm(desc="decoding", unit="strip", disable=not progress) as bar:
+            def advance(done: int, total: int):
+                bar.total = total
+                bar.update(done - bar.n)
 
+            image = self.vae.decode(z.astype(self.dtype), progress=advance if progress else None)
+            image = image[0].astype(mx.float32)
+            image = mx.clip(image / 2 + 0.5, 0.0, 1.0)
+            mx.eval(image)
+        return np.round(np.array(image) * 255).astype(np.uint8)

@@ -15,6 +15,7 @@ leaves a partial image; an existing file is never replaced unless asked (`name_1
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -52,13 +53,20 @@ def quantization_label(quantization: dict | None) -> str | None:
 
 
 def image_metadata(image: GeneratedImage) -> dict:
-    """The facts needed to reproduce `image` (JSON-serialisable)."""
+    """The facts needed to reproduce `image` (JSON-serialisable).
+
+    - `guidance` is the guidance actually used: null when the transformer has no guidance embedder
+      (schnell, or dev loaded onto schnell weights).
+    - `seed` is null and `latents` is "given" when the image started from given latents (the seed was
+      not used); otherwise `latents` is absent.
+    - LoRAs baked into a saved folder's weights are listed with `"baked": true`.
+    """
     config = image.config
-    uses_guidance = image.model == "dev"
-    return {
+    uses_guidance = image.uses_guidance if image.uses_guidance is not None else image.model == "dev"
+    meta = {
         "prompt": image.prompt,
         "model": image.model,
-        "seed": image.seed,
+        "seed": None if image.latents_given else image.seed,
         "steps": config.num_inference_steps,
         "guidance": config.guidance if uses_guidance else None,
         "width": config.width,
@@ -70,6 +78,9 @@ def image_metadata(image: GeneratedImage) -> dict:
         "timings": {k: round(v, 3) for k, v in image.timings.items()},
         "version": package_version(),
     }
+    if image.latents_given:
+        meta["latents"] = "given"
+    return meta
 
 
 def _lora_entry(lora: dict) -> dict:
@@ -94,26 +105,40 @@ def a1111_parameters(meta: dict) -> str:
     fields = [("Steps", meta["steps"]), ("Sampler", meta.get("sampler", SAMPLER)), ("CFG scale", 1)]
     if meta.get("guidance") is not None:
         fields.append(("Distilled CFG Scale", format_number(meta["guidance"])))
+    if meta.get("seed") is not None:  # no seed when the image started from given latents
+        fields.append(("Seed", meta["seed"]))
     fields += [
-        ("Seed", meta["seed"]),
         ("Size", f"{meta['width']}x{meta['height']}"),
         ("Model", f"flux1-{meta['model']}"),
     ]
     quant = quantization_label(meta.get("quantization"))
     if quant:
         fields.append(("Quantization", quant))
-    if meta.get("loras"):
-        loras = ", ".join(f"{lora['name']}: {format_number(lora['scale'])}" for lora in meta["loras"])
-        fields.append(("LoRAs", loras))
+    live = [lora for lora in meta.get("loras") or [] if not lora.get("baked")]
+    baked = [lora for lora in meta.get("loras") or [] if lora.get("baked")]
+    for key, loras in (("LoRAs", live), ("Baked LoRAs", baked)):
+        if loras:
+            fields.append((key, ", ".join(f"{lora['name']}: {format_number(lora['scale'])}" for lora in loras)))
     fields.append(("Version", f"flux_1 {meta['version']}"))
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields)
     return f"{meta['prompt']}\n{line}"
 
 
+def to_json(meta: dict, indent: int | None = None) -> str:
+    """JSON text of the metadata; a NaN or infinity (which JSON cannot hold) is a ValueError."""
+    try:
+        return json.dumps(meta, ensure_ascii=False, indent=indent, allow_nan=False)
+    except ValueError:
+        bad = [k for k, v in meta.items() if isinstance(v, float) and not math.isfinite(v)]
+        raise ValueError(f"the image metadata holds a non-finite number ({', '.join(bad) or 'nested'}): "
+                         "nothing was written") from None
+
+
 def png_info(meta: dict) -> PngInfo:
     info = PngInfo()
+    text = to_json(meta)  # first: a NaN stops here, before any text chunk is made
     info.add_text(PARAMETERS_KEY, a1111_parameters(meta))
-    info.add_text(JSON_KEY, json.dumps(meta, ensure_ascii=False))
+    info.add_text(JSON_KEY, text)
     return info
 
 
@@ -181,21 +206,66 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _claim(tmp: Path, target: Path) -> bool:
+    """Give `tmp`'s content the name `target` unless it exists (hard link: race-free); False if taken."""
+    try:
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links (e.g. exFAT): check, then rename a copy of the name
+        if target.exists():
+            return False
+        os.replace(tmp, target)
+        return True
+
+
+def _publish_pair(png_tmp: Path, json_tmp: Path, path: Path, overwrite: bool) -> Path:
+    """Publish a finished PNG and its finished JSON sidecar under one free name (`path`, `path_1`, ...):
+    both names are claimed or neither (a claimed PNG whose sidecar cannot be published is removed)."""
+    if overwrite:
+        os.replace(json_tmp, sidecar_path(path))
+        os.replace(png_tmp, path)
+        return path
+    n = 0
+    while True:
+        candidate = numbered(path, n)
+        n += 1
+        if candidate.exists() or sidecar_path(candidate).exists():
+            continue
+        if not _claim(png_tmp, candidate):
+            continue
+        try:
+            claimed = _claim(json_tmp, sidecar_path(candidate))
+        except BaseException:
+            candidate.unlink(missing_ok=True)
+            raise
+        if claimed:
+            return candidate
+        candidate.unlink(missing_ok=True)  # another process took the sidecar name: try the next pair
+
+
 def save_png(image: GeneratedImage, path: str | Path, overwrite: bool = False, sidecar: bool = False) -> Path:
     """Write `image` with its metadata to `path` (a .png; parent folders are created); returns the path
     actually written, which differs from `path` when that name was taken and `overwrite` is off.
-    With `sidecar`, the metadata is also written as JSON next to it (`name.json`)."""
+    With `sidecar`, the metadata is also written as JSON next to it (`name.json`). Both files are
+    written to temporary names first and published together: a failure (a full disk, a NaN in the
+    metadata) leaves neither."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output file {path} must end in .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = image_metadata(image)
-    tmp = _temp_file(path.parent, path.name)
+    info = png_info(meta)  # a NaN in the metadata is refused before anything is written
+    sidecar_text = (to_json(meta, indent=2) + "\n").encode() if sidecar else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temps = [_temp_file(path.parent, path.name)]
     try:
-        image.image.save(tmp, format="PNG", pnginfo=png_info(meta))
-        final = _publish(tmp, path, overwrite, sidecar)
+        image.image.save(temps[0], format="PNG", pnginfo=info)
+        if not sidecar:
+            return _publish(temps[0], path, overwrite, sidecar=False)
+        temps.append(_temp_file(path.parent, sidecar_path(path).name))
+        temps[1].write_bytes(sidecar_text)
+        return _publish_pair(temps[0], temps[1], path, overwrite)
     finally:
-        tmp.unlink(missing_ok=True)
-    if sidecar:
-        write_atomic(sidecar_path(final), (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
-    return final
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)

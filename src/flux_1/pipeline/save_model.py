@@ -27,7 +27,7 @@ from ..loading.saved import (
     write_component,
     write_manifest,
 )
-from ..lora import LoRAStack, bake
+from ..lora import LoRAStack, bake, lora_strengths
 from .variants import variant
 
 
@@ -48,9 +48,7 @@ def save_model(out: str | Path, model: str, source: str | Path | None = None, qu
     dtype = precision_dtype(precision)
     spec = q.parse(quantize)
     lora_paths = [str(p) for p in (lora_paths or [])]
-    if lora_scales is not None and len(lora_scales) != len(lora_paths):
-        raise ValueError(f"got {len(lora_scales)} LoRA scale(s) for {len(lora_paths)} LoRA path(s)")
-    scales = [float(s) for s in lora_scales] if lora_scales is not None else [1.0] * len(lora_paths)
+    scales = lora_strengths(lora_paths, lora_scales)
     for p in lora_paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"LoRA file {p} does not exist")
