@@ -22,6 +22,8 @@ def tiny_transformer(guidance: bool = True) -> nn.Module:
     """One double and one single block."""
     mx.random.seed(0)
     sizes = dict(in_channels=IN, context_dim=CTX, vec_dim=VEC, hidden_size=D, mlp_hidden=MLP, time_dim=TIME)
+    if "out_channels" in FluxParams.__dataclass_fields__:  # conditioned variants: img_in wider than the output
+        sizes["out_channels"] = IN
     model = FluxTransformer(FluxParams(**sizes, num_heads=1, depth=1, depth_single=1, guidance_embed=guidance))
     mx.eval(model.parameters())
     return model

@@ -155,3 +155,24 @@ def test_onetrainer_matches_diffusers(specs, probes):
     ]:  # fmt: skip
         lora(t, "lora_transformer_" + stem, out, inp, rank=2, alpha=4.0)
     compare(t, conversion._convert_kohya_flux_lora_to_diffusers, specs, probes, 12)
+
+
+def test_fal_kontext_matches_diffusers(specs, probes):
+    # fal's Kontext trainer: `base_model.model.` + BFL names, PEFT lora_A/B, scale 1; diffusers'
+    # converter wants every block of FLUX.1 (19 double, 38 single) and final_layer.linear
+    t, p = {}, "base_model.model."
+    for i in range(19):
+        for side in ("img", "txt"):
+            b = f"{p}double_blocks.{i}.{side}"
+            for stem, out, inp in [
+                (f"{b}_mod.lin", 6 * H, H), (f"{b}_attn.qkv", 3 * H, H), (f"{b}_attn.proj", H, H),
+                (f"{b}_mlp.0", MLP, H), (f"{b}_mlp.2", H, MLP),
+            ]:  # fmt: skip
+                lora(t, stem, out, inp, rank=2, down="lora_A.weight", up="lora_B.weight")
+    for i in range(38):
+        b = f"{p}single_blocks.{i}"
+        for stem, out, inp in [(f"{b}.modulation.lin", 3 * H, H), (f"{b}.linear1", 3 * H + MLP, H),
+                               (f"{b}.linear2", H, H + MLP)]:  # fmt: skip
+            lora(t, stem, out, inp, rank=2, down="lora_A.weight", up="lora_B.weight")
+    lora(t, f"{p}final_layer.linear", 64, H, rank=2, down="lora_A.weight", up="lora_B.weight")
+    compare(t, conversion._convert_fal_kontext_lora_to_diffusers, specs, probes, 19 * 10 + 38 * 3 + 1)

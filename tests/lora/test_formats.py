@@ -262,17 +262,17 @@ def test_bfl_and_comfyui_names(tmp_path):
     e[T, "double_blocks.0.txt_attn.qkv"] = peft(
         t, r, "base_model.model.double_blocks.0.txt_attn.qkv", 3 * D, D, 2
     )
-    # BFL control LoRA: prefix-less BFL names, lora_B.bias; its norm replacements are reported
+    # BFL control LoRA: prefix-less BFL names, lora_B.bias; its norm replacements are applied
     e[T, "single_blocks.0.modulation.lin"] = peft(t, r, "single_blocks.0.modulation.lin", 3 * D, D, 2)
     t["single_blocks.0.modulation.lin.lora_B.bias"] = b = r(3 * D)
-    t["double_blocks.0.img_attn.norm.query_norm.scale"] = r(D // 2)
+    t["double_blocks.0.img_attn.norm.query_norm.scale"] = r(D)  # one head: head_dim = D
     e[C, "encoder.layers.1.mlp.fc1"] = kohya(
         t, r, "text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc1", CLIP_MLP, CLIP_D, 2, 1.0
     )
     kohya(t, r, "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q", 8, 8, 2, 1.0)
     report = check(tmp_path, t, e, bias={(T, "single_blocks.0.modulation.lin"): b})
-    assert report.matched == len(t) - 4
-    assert "Control" in report.line()
+    assert report.matched == len(t) - 3 and report.norms == 1
+    assert "1 norm weights replaced" in report.line()
 
 
 def test_xlabs(tmp_path):
@@ -482,11 +482,16 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, key, shape, other, want):
     assert key in msg and str(shape) in msg and want in msg, msg
 
 
-def test_widened_img_in_is_explained(tmp_path):
+@pytest.mark.parametrize("stem, out, inp, hint", [
+    ("txt_in", D, 2 * CTX, "only img_in can be widened"),  # widening is for img_in alone
+    ("img_in", D, IN + IN // 2, "whole factor of 8"),  # img_in: 64 -> 128 or 384, never 96
+])  # fmt: skip
+def test_widening_is_refused_elsewhere(tmp_path, stem, out, inp, hint):
     t, r = {}, Rand(18)
-    peft(t, r, "img_in", D, 2 * IN, 2)  # BFL Control LoRA: img_in takes the control latents too
-    with pytest.raises(LoRAError, match="Control/Fill"):
+    peft(t, r, stem, out, inp, 2)
+    with pytest.raises(LoRAError, match=hint) as info:
         _add(tmp_path, t)
+    assert f"'{stem}.lora_A.weight' has shape (2, {inp})" in str(info.value)
 
 
 def test_missing_up_is_an_error(tmp_path):

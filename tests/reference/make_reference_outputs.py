@@ -214,8 +214,9 @@ def load_and_check(folder: Path, variant: str) -> dict:
     convert = _patched_flux_converter(
         transformer.config.num_attention_heads * transformer.config.attention_head_dim
     )
-    bfl = _load_files([folder / f"flux1-{variant}.safetensors"])
-    _check_state_equal(f"{variant} flux1-{variant}.safetensors -> diffusers", convert(dict(bfl)), tr_files)
+    bfl_name = tiny.BFL_FILE[variant]  # flux1-dev.safetensors, flux1-fill-dev.safetensors, ...
+    bfl = _load_files([folder / bfl_name])
+    _check_state_equal(f"{variant} {bfl_name} -> diffusers", convert(dict(bfl)), tr_files)
     ae = _load_files([folder / "ae.safetensors"])
     converted = sfu.convert_ldm_vae_checkpoint(dict(ae), dict(vae.config))
     _check_state_equal(f"{variant} ae.safetensors -> diffusers", converted, vae_file)

@@ -36,11 +36,14 @@ from .main import (
     add_lora_arguments,
     add_model_arguments,
     check_args,
+    check_inputs,
     check_lora_files,
     check_model_folder,
     check_output_folder,
+    flag_names,
     format_bytes,
     make_config,
+    model_in_channels,
     print_backend,
 )
 
@@ -258,7 +261,8 @@ def compare(args: argparse.Namespace, config: Config) -> tuple[list[Path], Path]
         print(f"Generating strength {strength_label(s)} (LoRA scales: {lora_summary(flux.lora_info())}), "
               f"seed {args.seed}")
         mx.reset_peak_memory()
-        image = flux.generate_image(seed=args.seed, prompt=args.prompt, config=config)
+        with flag_names():
+            image = flux.generate_image(seed=args.seed, prompt=args.prompt, config=config)
         if args.verbose:
             stages = ", ".join(f"{name.replace('_', ' ')}: {t:.2f} s" for name, t in image.timings.items())
             print(f"{stages}, peak memory {format_bytes(mx.get_peak_memory())}")
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
         config = make_config(args)
         if args.path is not None:
             check_model_folder(args.path)
-        check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision)
+        widened = check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision)
+        check_inputs(config, args.model, widened or model_in_channels(args.model, args.path), True, args.precision)
         compare(args, config)
 
 

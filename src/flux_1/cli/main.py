@@ -12,9 +12,11 @@ import argparse
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..components import PRECISIONS
@@ -37,20 +39,67 @@ def parse_quantize(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def parse_outpaint(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    try:
+        sides = tuple(int(p) for p in parts)
+    except ValueError:
+        sides = ()
+    if len(sides) != 4 or min(sides) < 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give 4 pixel counts >= 0 as TOP,RIGHT,BOTTOM,LEFT")
+    if not any(sides):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: at least one side must be > 0")
+    return sides
+
+
+# Config field -> flag, to name the culprit in the pipeline's messages the way the user wrote it.
+FLAGS = {"control_image_path": "--control-image-path", "image_path": "--image-path", "mask_path": "--mask-path",
+         "image_strength": "--image-strength", "outpaint": "--outpaint", "auto_resize=False": "--no-auto-resize"}
+_FLAG_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in FLAGS) + r")(?![\w])")
+
+
+def as_flags(message: str) -> str:
+    return _FLAG_RE.sub(lambda m: FLAGS[m.group(1)], message)
+
+
+@contextmanager
+def flag_names():
+    """Re-raise the pipeline's ValueErrors about inputs with the flags' names instead of Config's."""
+    try:
+        yield
+    except ValueError as e:
+        raise CLIError(as_flags(str(e))) from None
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The flags shared by every generating command: model, prompt, folder, sampling, precision."""
     p.add_argument("--model", "-m", required=True, choices=list(VARIANTS),
-                   help="schnell (4 steps) or dev (25 steps)")
+                   help="schnell (4 steps), dev (25), dev-kontext (28, edits --image-path), dev-fill (50, "
+                   "inpaints --image-path under --mask-path or --outpaint), dev-canny / dev-depth (50, follow "
+                   "--control-image-path)")
     p.add_argument("--prompt", "-p", required=True, help="the text to draw")
     p.add_argument("--path", type=Path,
                    help="local model folder (diffusers layout, BFL files, or saved by flux1-save) "
                    "instead of the Hugging Face Hub")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 4 for schnell, 25 for dev)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 4 for schnell, 25 for dev)")
     for side in ("--height", "--width"):
-        p.add_argument(side, type=int, default=1024,
-                       help="pixels, rounded down to a multiple of 16 (default 1024)")
+        p.add_argument(side, type=int,
+                       help="pixels, rounded down to a multiple of 16 (default 1024, or the input image's size)")
     p.add_argument("--guidance", type=float,
-                   help="distilled guidance for dev (default 3.5); schnell ignores it")
+                   help="distilled guidance (default: the model's, 3.5 for dev); schnell ignores it")
+    p.add_argument("--image-path", type=Path, metavar="P",
+                   help="input image: img2img start (schnell, dev), the image to edit (dev-kontext) or to fill")
+    p.add_argument("--image-strength", type=float, metavar="S",
+                   help="img2img: the fraction of the steps skipped, in [0, 1): 0 ignores the image, near 1 "
+                   "keeps it (default 0.4; dev-fill 0)")
+    p.add_argument("--mask-path", type=Path, metavar="M", help="dev-fill: mask, white is repainted")
+    p.add_argument("--outpaint", type=parse_outpaint, metavar="T,R,B,L",
+                   help="dev-fill: pixels to add at the top, right, bottom and left (repainted)")
+    p.add_argument("--control-image-path", type=Path, metavar="P",
+                   help="dev-canny / dev-depth (or dev with a control LoRA): the edge or depth map to follow")
+    p.add_argument("--no-auto-resize", dest="auto_resize", action="store_false",
+                   help="dev-kontext: keep the image's size (rounded down to multiples of 16) instead of the "
+                   "nearest preferred Kontext resolution")
     p.add_argument("-q", "--quantize", type=parse_quantize, metavar="BITS",
                    help=f"quantize while loading: {', '.join(QUANTIZE_CHOICES)}")
     p.add_argument("--precision", choices=list(PRECISIONS),
@@ -153,16 +202,17 @@ def check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def check_lora_files(paths: list[str], scales: list[float] | None, model: str, root: Path | None,
-                     precision: str | None = None) -> None:
+                     precision: str | None = None) -> int | None:
     """Read each LoRA file (header first) and resolve every key against the model's modules, as loading
     would, but against lazy skeletons built from the model folder's headers (`root`), or from FLUX.1's
-    own shapes when the model comes from the Hub: a bad LoRA fails now, not after minutes of loading."""
+    own shapes when the model comes from the Hub: a bad LoRA fails now, not after minutes of loading.
+    Returns img_in's width with the LoRAs applied (None without LoRAs)."""
     from ..components import default_precision, precision_dtype
-    from ..pipeline.flux1 import component_shapes, default_shapes, resolve_loras
+    from ..pipeline.flux1 import component_shapes, default_shapes, resolve_loras, skeleton
     from ..safetensors_check import HeaderError, check_header
 
     if not paths:
-        return
+        return None
     for path in paths:
         try:
             header = check_header(path)
@@ -174,10 +224,12 @@ def check_lora_files(paths: list[str], scales: list[float] | None, model: str, r
     if root is not None:
         shapes = {c: component_shapes(root, c) for c in ("transformer", "clip")}
     else:
-        guidance = VARIANTS[model].guidance_distilled
-        shapes = {c: default_shapes(c, guidance) for c in ("transformer", "clip")}
+        v = VARIANTS[model]
+        shapes = {c: default_shapes(c, v.guidance_distilled, v.in_channels) for c in ("transformer", "clip")}
     dtype = precision_dtype(precision or default_precision())
-    resolve_loras(paths, scales, shapes["transformer"], shapes["clip"], dtype)
+    transformer = skeleton("transformer", shapes["transformer"], dtype)
+    resolve_loras(paths, scales, shapes["transformer"], shapes["clip"], dtype, transformer=transformer)
+    return transformer.input_channels
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -190,12 +242,20 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.steps is not None and args.steps > MAX_STEPS:
         parser.error(f"--steps must be at most {MAX_STEPS}, got {args.steps}")
     for name in ("height", "width"):
+        if getattr(args, name) is None:
+            continue
         if getattr(args, name) < 16:
             parser.error(f"--{name} must be at least 16 pixels, got {getattr(args, name)}")
         if getattr(args, name) > MAX_SIDE:
             parser.error(f"--{name} must be at most {MAX_SIDE} pixels, got {getattr(args, name)}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         parser.error(f"--guidance {args.guidance} is not a finite number")
+    if args.image_strength is not None:
+        if not math.isfinite(args.image_strength) or not 0 <= args.image_strength < 1:
+            parser.error(f"--image-strength must be in [0, 1) (the fraction of the steps skipped), "
+                         f"got {args.image_strength}")
+        if args.image_path is None:
+            parser.error("--image-strength is given without --image-path")
     for seed in args.seed or []:
         if not 0 <= seed <= MAX_SEED:
             parser.error(f"--seed {seed} is out of range: seeds are 0 to 2**64-1")
@@ -206,22 +266,52 @@ def make_config(args: argparse.Namespace) -> Config:
     """Config from the arguments; its size-rounding warnings are shown here, before loading."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = Config(num_inference_steps=args.steps, height=args.height, width=args.width,
-                        guidance=3.5 if args.guidance is None else args.guidance)
+        with flag_names():
+            config = Config(num_inference_steps=args.steps, height=args.height, width=args.width,
+                            guidance=args.guidance, image_path=args.image_path,
+                            image_strength=args.image_strength, mask_path=args.mask_path, outpaint=args.outpaint,
+                            control_image_path=args.control_image_path, auto_resize=args.auto_resize)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if args.guidance is not None and not VARIANTS[args.model].guidance_distilled:
         print(f"warning: {args.model} has no guidance embedder: --guidance is ignored", file=sys.stderr)
-    check_memory(config, args.precision)
     return config
 
 
-def check_memory(config: Config, precision: str | None) -> None:
-    """Refuse a size that cannot fit in this machine's memory, before loading (estimate: check_size)."""
+def check_inputs(config: Config, model: str, in_channels: int, loras: bool, precision: str | None) -> None:
+    """Before loading: the input images against what the model takes (each file read, a mask of another
+    size warned about), and the resolved size against the machine's memory (Kontext's reference tokens
+    included). `in_channels`: img_in's width, after the LoRAs (a control LoRA widens it)."""
     from ..components import default_precision, precision_dtype
-    from ..pipeline.flux1 import check_size
+    from ..pipeline import conditioning
+    from ..pipeline.flux1 import check_size, conditioning_of, plan_inputs
 
-    check_size(config.height, config.width, precision_dtype(precision or default_precision()))
+    v = VARIANTS[model]
+    with flag_names():
+        kind = conditioning_of(v, in_channels)
+        if kind == "none" and loras and config.control_image_path is not None:
+            # A LoRA may widen img_in only when applied: the control image is read now, the rest is
+            # checked once the transformer is loaded.
+            conditioning.read_image(config.control_image_path, "control image")
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan = plan_inputs(config, v, kind)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        pixels = max((i.image.width * i.image.height for i in (plan.image, plan.mask, plan.control) if i), default=0)
+        check_size(plan.height, plan.width, precision_dtype(precision or default_precision()),
+                   reference_tokens=plan.reference_tokens, input_pixels=pixels)
+
+
+def model_in_channels(model: str, root: Path | None) -> int:
+    """img_in's width of the checkpoint (its headers), or of the variant's own when it comes from the Hub."""
+    if root is None:
+        return VARIANTS[model].in_channels
+    from ..models.transformer import FluxParams
+    from ..pipeline.flux1 import component_shapes
+
+    return FluxParams.from_shapes(component_shapes(root, "transformer")).in_channels
 
 
 def print_backend() -> None:
@@ -257,7 +347,8 @@ def generate(args: argparse.Namespace, config: Config, template: str) -> list[Pa
     for seed in args.seed:
         print(f"Generating with seed {seed}")
         mx.reset_peak_memory()
-        image = flux.generate_image(seed=seed, prompt=args.prompt, config=config)
+        with flag_names():
+            image = flux.generate_image(seed=seed, prompt=args.prompt, config=config)
         if args.verbose:
             stages = ", ".join(f"{name.replace('_', ' ')}: {t:.2f} s" for name, t in image.timings.items())
             print(f"{stages}, peak memory {format_bytes(mx.get_peak_memory())}")
@@ -285,7 +376,9 @@ def main(argv: list[str] | None = None) -> None:
         config = make_config(args)
         if args.path is not None:
             check_model_folder(args.path)
-        check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision)
+        widened = check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision)
+        check_inputs(config, args.model, widened or model_in_channels(args.model, args.path),
+                     bool(args.lora_paths), args.precision)
         generate(args, config, template)
 
 

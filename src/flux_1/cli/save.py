@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The source comes from the Hugging Face cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN) unless "
         "--source is given. Load the result with `flux1-generate --model M --path OUT` (no -q needed).",
     )
-    p.add_argument("--model", "-m", required=True, choices=list(VARIANTS), help="schnell or dev")
+    p.add_argument("--model", "-m", required=True, choices=list(VARIANTS), help=", ".join(VARIANTS))
     p.add_argument("--path", required=True, type=Path, help="output folder (must not exist or be empty)")
     p.add_argument("-q", "--quantize", type=parse_quantize, metavar="BITS",
                    help=f"quantize: {', '.join(CHOICES)} (default: none, full precision)")

@@ -24,6 +24,15 @@ Scale (delta W = strength * scale * up @ down), per the reference notes section 
 - LoKr: alpha / dim only when a factor is low rank (dim = that factor's inner size), else 1.
 - LoHa: alpha / w1_b.shape[0]. Full deltas `.diff` / `.diff_b`: 1.
 
+BFL Control LoRAs (FLUX.1-Canny/Depth-dev-lora) need two things no other LoRA does (diffusers
+`FluxLoraLoaderMixin.load_lora_weights`):
+- their `img_in` down (and `.diff`) has more input columns than the layer (128 for 64: the control
+  latents are concatenated to the noisy ones). `img_in` alone may differ in width, by a whole factor
+  either way (a narrower factor on a widened layer is zero-padded, as `_maybe_expand_lora_state_dict`
+  does); the layer is widened when applied (layers.py). Anywhere else a width mismatch is an error;
+- full values for the QK-norm weights (`...query_norm.scale`, diffusers `...attn.norm_q.weight`):
+  replacements, not deltas, resolved against the model's norm modules (`norms`) as `Patch(norm=True)`.
+
 What is refused, so that a bad file is an error naming the file and key, never a black image or a
 quietly different one (a file is corrupt as a whole: so are its unused keys):
 - a header that does not describe the data exactly (`safetensors_check.check_header`, before any read);
@@ -250,7 +259,8 @@ class Slot:
 
 @dataclass
 class Piece:
-    """What one source module adds to one slot. `kind` is lora | lokr | loha | diff | bias."""
+    """What one source module adds to one slot. `kind` is lora | lokr | loha | diff | bias | norm
+    (norm: the full value `t["value"]` replacing a norm weight)."""
 
     kind: str
     slot: Slot
@@ -279,15 +289,31 @@ class Piece:
     def bias(self) -> mx.array:
         return _swap(self.t["bias"].astype(mx.float32) * self.scale, self.slot.swap)
 
+    @property
+    def cols(self) -> int | None:
+        """Input width of the weight delta (wider or narrower than the module only for img_in)."""
+        if self.kind == "lora":
+            return self.t["down"].shape[1]
+        if self.kind == "diff":
+            return self.t["diff"].shape[1]
+        return None
+
 
 @dataclass
 class Patch:
-    """Everything one LoRA adds to one of our linear modules."""
+    """Everything one LoRA adds to one of our linear modules, or (norm=True) the value it puts in
+    place of one norm weight."""
 
     component: str
     module: str
-    shape: tuple[int, int]  # (out, in) of the module
+    shape: tuple[int, int]  # (out, in) of the module; (dim,) for a norm
     pieces: list[Piece]
+    norm: bool = False
+
+    @property
+    def cols(self) -> int:
+        """Input width this patch needs: the module's, or wider for a Control LoRA's img_in."""
+        return max([self.shape[-1]] + [c for p in self.pieces if (c := p.cols) is not None])
 
 
 @dataclass
@@ -295,11 +321,16 @@ class Report:
     name: str
     total: int  # keys in the file
     matched: int  # keys applied
-    layers: dict[str, int]  # component -> modules touched
+    layers: dict[str, int]  # component -> linear modules touched
     skipped: dict[str, list[str]]  # reason -> keys
+    norms: int = 0  # norm weights replaced (BFL Control LoRAs)
+    widened: dict[str, tuple[int, int]] = field(default_factory=dict)  # module -> (in, in as applied)
 
     def line(self) -> str:
         layers = " + ".join(f"{n} {c}" for c, n in self.layers.items()) + " layers"
+        layers += "".join(f" ({m} widened {a} -> {b})" for m, (a, b) in self.widened.items())
+        if self.norms:
+            layers += f", {self.norms} norm weights replaced"
         out = f"LoRA '{self.name}': {layers}, {self.matched}/{self.total} keys matched"
         if self.skipped:
             why = "; ".join(f"{len(keys)} {reason}, e.g. {keys[0]}" for reason, keys in self.skipped.items())
@@ -458,13 +489,29 @@ def _lora_scale(rank: int, alpha: float | None, config: PeftConfig | None, modul
     return a / math.sqrt(rank) if config.use_rslora else a / rank
 
 
+# The one module whose input a LoRA may widen: img_in takes the packed latents, and Control (128) and
+# Fill (384) models concatenate their conditioning to the 64 latent channels (diffusers
+# `_MODULE_NAME_TO_ATTRIBUTE_MAP_FLUX`: x_embedder -> in_channels).
+WIDENABLE = "img_in"
+
+
+def _widenable(slot: Slot, cols: int, inp: int) -> bool:
+    """A factor of `cols` input columns fits img_in of `inp` (wider or narrower by a whole factor)."""
+    return slot.module == WIDENABLE and slot.component == "transformer" and cols > 0 and (
+        max(cols, inp) % min(cols, inp) == 0
+    )
+
+
 def _shape_error(lora: LoRA, key: str, got, want: str, slot: Slot, shape) -> LoRAError:
     where = f"{slot.component} module {slot.module} {tuple(shape)}"
     if slot.rows != shape[0]:
         where += f" rows {slot.row}:{slot.row + slot.rows}"
     hint = ""
-    if slot.module == "img_in" and len(got) == 2 and got[-1] > shape[1]:
-        hint = " (a Control/Fill LoRA widens img_in: not supported)"
+    if len(got) == 2 and got[-1] > shape[1]:
+        if slot.module == WIDENABLE:
+            hint = f" (a Control/Fill LoRA may widen img_in, by a whole factor of {shape[1]})"
+        else:
+            hint = " (only img_in can be widened, by Control/Fill LoRAs)"
     return LoRAError(f"{lora.where()}: '{key}' has shape {tuple(got)}, expected {want} for {where}{hint}")
 
 
@@ -497,7 +544,9 @@ def _pieces(
 
     if "down" in t or "up" in t:
         need("down", "up")
-        if t["down"].ndim != 2 or t["down"].shape[1] != want[1]:
+        if t["down"].ndim != 2 or (
+            t["down"].shape[1] != want[1] and not _widenable(slot, t["down"].shape[1], want[1])
+        ):
             raise _shape_error(lora, roles["down"], t["down"].shape, f"(rank, {want[1]})", slot, shape)
         if t["up"].ndim != 2 or t["up"].shape != (want[0], t["down"].shape[0]):
             raise _shape_error(
@@ -534,7 +583,8 @@ def _pieces(
         scale = 1.0 if alpha is None else alpha / t["hada_w1_b"].shape[0]
         pieces.append(Piece("loha", slot, scale, {r: v for r, v in t.items() if r.startswith("hada_")}))
     if "diff" in t:
-        check(t["diff"].shape, roles["diff"])
+        d = t["diff"].shape
+        check(d if len(d) != 2 or not _widenable(slot, d[1], want[1]) else (d[0], want[1]), roles["diff"])
         pieces.append(Piece("diff", slot, 1.0, {"diff": t["diff"]}))
     if "diff_b" in t:
         check(t["diff_b"].shape, roles["diff_b"], want[:1])
@@ -547,7 +597,10 @@ SKIP_T5 = "T5 text encoder keys (T5 LoRAs are not supported)"
 SKIP_FOREIGN = "SD1.5/SDXL/SD3 module names"
 SKIP_GUIDANCE = "dev-only guidance_in keys (this model has no guidance embedder: schnell)"
 SKIP_NO_CLIP = "CLIP keys (no CLIP model given)"
-SKIP_CONTROL_NORM = "norm weight replacements (BFL Control LoRA; not supported)"
+SKIP_CONTROL_NORM = "norm weight replacements (BFL Control LoRA; no norm modules given)"
+SKIP_NORM_NO_MODULE = "norm weight replacements naming no norm of this model"
+# Control LoRA norm keys: BFL `<...>_norm.scale`, diffusers `<...>.norm_q.weight` (and k, added_q/k).
+CONTROL_NORM = re.compile(r"(.*(?:query_norm|key_norm|\.norm_(?:added_)?[qk]))\.(scale|weight)")
 SKIP_UNUSED = {
     "dora": "DoRA magnitudes (not supported; the low-rank part is applied)",
     "norm": "norm deltas (not supported)",
@@ -577,23 +630,67 @@ def _find(
     return f"no such module in the {component}"
 
 
-def resolve_lora(lora: LoRA, specs: dict[str, Specs], strict: bool = True) -> tuple[list[Patch], Report]:
+def build_norm_index(norms: dict[str, int]) -> dict[str, str]:
+    """Every spelling of our transformer norm modules (BFL = ours, and diffusers) -> ours."""
+    index = {}
+    for module in norms:
+        for name, _ in [(module, None), *source_names(DIFFUSERS_TRANSFORMER, module)]:
+            index[name] = module
+    return index
+
+
+def _norm_patches(lora: LoRA, keys: dict[str, str], norms: dict[str, int]) -> list[Patch]:
+    """Validated norm replacements (key -> our norm module): one finite float per element, the
+    norm's shape. These keys are no LoRA tensors, so check_tensors left them unread."""
+    patches, oks = [], []
+    for key, module in keys.items():
+        t = lora.tensors[key]
+        if not mx.issubdtype(t.dtype, mx.floating):
+            raise LoRAError(f"{lora.where()}: norm weight {key!r} is {t.dtype}: it must be floating point")
+        if tuple(t.shape) != (norms[module],):
+            raise LoRAError(
+                f"{lora.where()}: norm weight {key!r} has shape {tuple(t.shape)}, expected "
+                f"({norms[module]},) for transformer norm {module}"
+            )
+        slot = Slot("transformer", module, 0, norms[module])
+        patches.append(Patch("transformer", module, (norms[module],), [Piece("norm", slot, 1.0, {"value": t})], True))
+        oks.append(_all_finite(t) & mx.all(mx.abs(t) <= 65504.0))
+    if oks:
+        for key, ok in zip(keys, mx.stack(oks).tolist(), strict=True):
+            if not ok:
+                raise LoRAError(f"{lora.where()}: norm weight {key!r} holds NaN, inf or values past +-65504")
+    return patches
+
+
+def resolve_lora(
+    lora: LoRA, specs: dict[str, Specs], strict: bool = True, norms: dict[str, int] | None = None
+) -> tuple[list[Patch], Report]:
     """Resolve every key of a LoRA against our models' linear modules (specs by component:
-    "transformer", and "clip" when a CLIP model is given). Validates every shape before anything
-    is applied: a shape mismatch raises LoRAError; so do, when strict, an SD1.5/SDXL LoRA and a
-    LoRA of which no key matched."""
+    "transformer", and "clip" when a CLIP model is given) and, given `norms` (the transformer's
+    norm modules -> size), its norm replacements. Validates every shape before anything is
+    applied: a shape mismatch raises LoRAError; so do, when strict, an SD1.5/SDXL LoRA and a
+    LoRA of which no LoRA key matched (norm replacements alone are no LoRA)."""
     if not lora.checked:  # a LoRA built in memory (load_lora checks what it reads)
         check_tensors(lora)
     configs = {c: _peft_config(lora, c) for c in specs}
     indexes = {c: build_index(c, s) for c, s in specs.items()}
+    norm_index = build_norm_index(norms) if norms and "transformer" in specs else {}
     stems: dict[str, dict[str, str]] = {}  # stem -> role -> key
     skipped: dict[str, list[str]] = {}
+    norm_keys: dict[str, str] = {}  # key -> our norm module
     for key in lora.tensors:
         if m := _SUFFIX_RE.fullmatch(key):
             stems.setdefault(m.group(1), {})[SUFFIXES[m.group(2)]] = key
+        elif m := CONTROL_NORM.fullmatch(key):
+            component, name = _route(m.group(1))
+            module = norm_index.get(name) if component == "transformer" else None
+            if module is not None and module not in norm_keys.values():
+                norm_keys[key] = module
+            else:
+                why = SKIP_CONTROL_NORM if not norm_index else SKIP_NORM_NO_MODULE
+                skipped.setdefault(why, []).append(key)
         else:
-            control = key.endswith(("query_norm.scale", "key_norm.scale"))
-            skipped.setdefault(SKIP_CONTROL_NORM if control else "not a LoRA tensor", []).append(key)
+            skipped.setdefault("not a LoRA tensor", []).append(key)
 
     by_module: dict[tuple[str, str], Patch] = {}
     matched = 0
@@ -616,16 +713,24 @@ def resolve_lora(lora: LoRA, specs: dict[str, Specs], strict: bool = True) -> tu
         matched += len(roles)
 
     layers = Counter(c for c, _ in by_module)
-    report = Report(lora.name, len(lora.tensors), matched, {c: layers[c] for c in specs}, skipped)
+    lora_matched = matched
+    norm_patches = _norm_patches(lora, norm_keys, norms or {})
+    matched += len(norm_patches)
+    widened = {
+        p.module: (p.shape[1], p.cols) for p in by_module.values() if p.cols != p.shape[1]
+    }
+    report = Report(
+        lora.name, len(lora.tensors), matched, {c: layers[c] for c in specs}, skipped, len(norm_patches), widened
+    )
     if strict and not layers["transformer"] and SKIP_FOREIGN in skipped:
         foreign = skipped[SKIP_FOREIGN]
         raise LoRAError(
             f"{lora.where()} is not a FLUX.1 LoRA: {len(foreign)} keys name Stable Diffusion 1.5/SDXL "
             f"modules (e.g. {foreign[0]})"
         )
-    if strict and matched == 0:
+    if strict and lora_matched == 0:
         first = ", ".join(list(lora.tensors)[:3])
         raise LoRAError(
             f"{lora.where()}: no key matches a FLUX.1 module ({report.line()}; first keys: {first})"
         )
-    return list(by_module.values()), report
+    return list(by_module.values()) + norm_patches, report

@@ -22,6 +22,17 @@ was added. What is not undone is the rounding of W to its dtype at each merge: w
 merge/unmerge round trip may move some elements by one bf16 ulp. Quantized layers and bias deltas
 always stay on the side path.
 
+A BFL Control LoRA (FLUX.1-Canny/Depth-dev-lora) widens `img_in` (64 -> 128 inputs) as diffusers'
+`_maybe_expand_transformer_param_shape_or_error_` does: the layer's weight becomes [W | 0] (the old
+weight in the first columns, zeros in the new ones, bias kept), each LoRA factor narrower than the
+layer is zero-padded (diffusers `_maybe_expand_lora_state_dict`), and the transformer's
+`params.in_channels` follows the width of `img_in` (diffusers sets `config.in_channels`). The width is
+that of the widest live LoRA: removing the last wide one slices the weight back to its own columns
+(bit-exact when nothing is merged; a merged layer is unmerged first, as always). Its norm weight
+replacements are installed while the LoRA is live at a non-zero strength (the value as is, whatever
+the strength, as diffusers' `_load_norm_into_transformer`; with several, the last added wins) and
+the model's own norm weights are put back when it is removed or set to strength 0.
+
 Apply LoRAs after the model is cast and quantized: the side factors are built in the layer's dtype
 at that moment, and `nn.quantize` does not convert a wrapped layer.
 
@@ -36,6 +47,7 @@ A). A change that fails leaves the layer as it was, and the stack undoes the res
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -43,7 +55,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .formats import SKIP_NO_CLIP, LoRA, LoRAError, Patch, Report, Specs, load_lora, resolve_lora
+from .formats import SKIP_NO_CLIP, WIDENABLE, LoRA, LoRAError, Patch, Report, Specs, load_lora, resolve_lora
 
 Live = dict[str, tuple[Patch, float]]  # LoRA name -> (its patch of this layer, strength)
 MAX_WEIGHT = 65504.0  # float16's largest value: no weight may go past it
@@ -63,7 +75,17 @@ def logical_shape(m: nn.Module) -> tuple[int, int]:
 
 
 def linear_specs(model: nn.Module) -> Specs:
-    return {name: logical_shape(m) for name, m in model.named_modules() if is_linear(m)}
+    """(out, in) of every linear, LoRA-wrapped ones at their own width (before any widening)."""
+    return {
+        name: (logical_shape(m)[0], m._in) if isinstance(m, LoRALinear) else logical_shape(m)
+        for name, m in model.named_modules()
+        if is_linear(m)
+    }
+
+
+def norm_specs(model: nn.Module) -> dict[str, int]:
+    """Size of every RMSNorm weight (what a Control LoRA's norm replacements resolve against)."""
+    return {name: m["weight"].shape[0] for name, m in model.named_modules() if isinstance(m, nn.RMSNorm)}
 
 
 @dataclass
@@ -74,13 +96,20 @@ class SidePath:
     bias: mx.array | None = None  # (out,)
 
 
+def _cols(x: mx.array, width: int) -> mx.array:
+    """x with `width` columns: zero columns added on the right, or the first `width` kept."""
+    if x.shape[1] < width:
+        return mx.pad(x, [(0, 0), (0, width - x.shape[1])])
+    return x[:, :width] if x.shape[1] > width else x
+
+
 def _delta(live: Live, shape: tuple[int, int]) -> mx.array:
-    """sum_i strength_i * dense delta of patch i, (out, in) float32."""
+    """sum_i strength_i * dense delta of patch i, (out, in) float32 (narrower deltas zero-padded)."""
     d = mx.zeros(shape, dtype=mx.float32)
     for patch, strength in live.values():
         for p in patch.pieces:
             if p.kind != "bias":
-                d = d.at[p.slot.row : p.slot.row + p.slot.rows].add(strength * p.dense())
+                d = d.at[p.slot.row : p.slot.row + p.slot.rows].add(_cols(strength * p.dense(), shape[1]))
     return d
 
 
@@ -107,6 +136,7 @@ class LoRALinear(nn.Module):
         self._no_grad = set(base._no_grad)
         # Plain attributes (not parameters, not children): the base layer is restored on unwrap.
         object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_in", logical_shape(base)[1])  # its own width (img_in may widen)
         self._call = type(base).__call__
         self._side = SidePath()
         object.__setattr__(self, "_merged", {})  # Live merged into W (a dict would become a child)
@@ -129,14 +159,22 @@ class LoRALinear(nn.Module):
 
     def set_loras(self, live: Live, merge: bool = False, where: str = "layer") -> None:
         """Make this layer's delta sum_i strength_i * patch_i (merged into W or on the side path).
-        Raises LoRAError, the layer unchanged, when a weight would go past +-MAX_WEIGHT or to NaN."""
-        shape = logical_shape(self)
+        Raises LoRAError, the layer unchanged, when a weight would go past +-MAX_WEIGHT or to NaN.
+        The layer is as wide as its widest live patch (img_in under a Control LoRA), never narrower
+        than its own width."""
+        old = logical_shape(self)
+        shape = (old[0], max([self._in] + [patch.cols for patch, _ in live.values()]))
+        if shape[1] != self._in and self.quantized:  # img_in is never quantized: a broken policy
+            raise LoRAError(f"cannot widen the quantized {where} to {shape[1]} inputs (quantize it last)")
         to_merge = live if merge and not self.quantized else {}
         w = None
-        if _key(to_merge) != _key(self._merged):
+        if not to_merge and not self._merged and shape != old:  # only a new width: exact
+            w = _cols(self["weight"], shape[1])
+        elif _key(to_merge) != _key(self._merged) or shape != old:
             w = self["weight"].astype(mx.float32)
             if self._merged:
-                w = w - _delta(self._merged, shape)
+                w = w - _delta(self._merged, old)
+            w = _cols(w, shape[1])
             if to_merge:
                 w = w + _delta(to_merge, shape)
             w = w.astype(self["weight"].dtype)
@@ -149,10 +187,10 @@ class LoRALinear(nn.Module):
                     continue
                 if p.kind == "lora":
                     down, up = p.factors()
-                    downs.append(down)
+                    downs.append(_cols(down, shape[1]))
                     ups.append(mx.pad(strength * up, [rows, (0, 0)]))
                 else:
-                    d = mx.pad(strength * p.dense(), [rows, (0, 0)])
+                    d = mx.pad(_cols(strength * p.dense(), shape[1]), [rows, (0, 0)])
                     dense = d if dense is None else dense + d
         # The side path runs in the layer's activation dtype (built in float32, cast once).
         dtype = self["scales"].dtype if self.quantized else self["weight"].dtype
@@ -279,7 +317,9 @@ class LoRAStack:
         self, lora: LoRA, strength: float, transformer: nn.Module, clip: nn.Module | None = None
     ) -> Report:
         models = _models(transformer, clip)
-        patches, report = resolve_lora(lora, {c: linear_specs(m) for c, m in models.items()})
+        patches, report = resolve_lora(
+            lora, {c: linear_specs(m) for c, m in models.items()}, norms=norm_specs(transformer)
+        )
         name, n = lora.name, 1
         while name in self.entries:
             n += 1
@@ -393,9 +433,13 @@ class LoRAStack:
             for p in entry.patches:
                 if (p.component, p.module) in live:
                     live[(p.component, p.module)][entry.name] = (p, entry.strength)
+        norms = {(p.component, p.module) for p in patches if p.norm}
         for (component, module), entries in sorted(live.items()):
             root = models[component]
             layer = _get_module(root, module)
+            if (component, module) in norms:
+                _set_norm(layer, entries)
+                continue
             if not isinstance(layer, LoRALinear):
                 if not entries:
                     continue
@@ -404,6 +448,37 @@ class LoRAStack:
             layer.set_loras(entries, self.merge, where=f"{component} module {module}")
             if not entries:
                 _set_module(root, module, layer.unwrap())
+        if ("transformer", WIDENABLE) in live:
+            _sync_in_channels(models["transformer"])
+
+
+def _set_norm(norm: nn.Module, live: Live) -> None:
+    """Install the norm weight of the last LoRA at a non-zero strength that replaces it, or put the
+    model's own weight back (kept on the module, outside its parameters, while replaced)."""
+    value = None
+    for patch, strength in live.values():
+        if strength != 0:
+            value = patch.pieces[0].t["value"]
+    own = getattr(norm, "_lora_own_weight", None)
+    if value is None:
+        if own is not None:
+            norm["weight"] = own
+            object.__delattr__(norm, "_lora_own_weight")
+        return
+    if own is None:
+        object.__setattr__(norm, "_lora_own_weight", own := norm["weight"])
+    norm["weight"] = value.astype(own.dtype)
+    mx.eval(norm["weight"])
+
+
+def _sync_in_channels(transformer: nn.Module) -> None:
+    """params.in_channels = the input width of img_in (diffusers updates config.in_channels)."""
+    params = getattr(transformer, "params", None)
+    if not dataclasses.is_dataclass(params) or not hasattr(params, "in_channels"):
+        return
+    width = logical_shape(_get_module(transformer, WIDENABLE))[1]
+    if params.in_channels != width:
+        transformer.params = dataclasses.replace(params, in_channels=width)
 
 
 def lora_strengths(paths: list, scales: list | None) -> list[float]:
@@ -435,6 +510,9 @@ def bake(model: nn.Module) -> int:
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name, layer in wrapped:
         _set_module(model, name, layer.bake())
+    for _, m in model.named_modules():  # replaced norm weights stay: forget the model's own
+        if getattr(m, "_lora_own_weight", None) is not None:
+            object.__delattr__(m, "_lora_own_weight")
     return len(wrapped)
 
 

@@ -15,7 +15,8 @@ import mlx.nn as nn
 
 @dataclass(frozen=True)
 class FluxParams:
-    in_channels: int = 64  # 16 latent channels x 2x2 patch
+    in_channels: int = 64  # 16 latent channels x 2x2 patch; Fill 384 (+ masked image 64, mask 256), Canny/Depth 128
+    out_channels: int = 64  # the velocity of the 64 packed latent channels, whatever the inputs
     context_dim: int = 4096  # T5-XXL width
     vec_dim: int = 768  # CLIP-L pooled width
     hidden_size: int = 3072
@@ -76,9 +77,14 @@ class FluxParams:
             ("time_in.in_layer.weight", 0, 0), ("vector_in.in_layer.weight", 0, 0),
             ("final_layer.linear.weight", 1, 0), ("final_layer.adaLN_modulation.layers.1.weight", 1, 0),
         ])
-        in_channels = agree("in_channels", [
-            ("img_in.weight", 1, 0), ("final_layer.linear.weight", 0, 0), ("final_layer.linear.bias", 0, 0),
-        ])
+        # Conditioned variants concatenate channels to the latents (Fill, Canny/Depth): img_in is wider
+        # than final_layer.linear's output, so the two widths are read apart.
+        in_channels = agree("in_channels", [("img_in.weight", 1, 0)])
+        out_channels = agree("out_channels", [("final_layer.linear.weight", 0, 0), ("final_layer.linear.bias", 0, 0)])
+        if in_channels % out_channels:  # the conditioning adds whole packed blocks: 64, 128, 384 inputs
+            raise ValueError(f"'img_in.weight' has shape {tuple(shapes['img_in.weight'])}: it gives in_channels = "
+                             f"{in_channels}, where 'final_layer.linear.weight', 'final_layer.linear.bias' give "
+                             f"{out_channels} (conditioned models add whole multiples of it)")
         norm = "double_blocks.0.img_attn.norm" if double else "single_blocks.0.norm"
         head_dim = agree("head dim", [(f"{norm}.query_norm.weight", 0, 0), (f"{norm}.key_norm.weight", 0, 0)])
         if hidden % head_dim:
@@ -98,6 +104,7 @@ class FluxParams:
                                                ("guidance_in.in_layer.weight", 1, 0)])
         return cls(
             in_channels=in_channels,
+            out_channels=out_channels,
             context_dim=agree("context width", [("txt_in.weight", 1, 0)]),
             vec_dim=agree("pooled width", [("vector_in.in_layer.weight", 1, 0)]),
             hidden_size=hidden,
@@ -302,7 +309,14 @@ class FluxTransformer(nn.Module):
         self.txt_in = nn.Linear(p.context_dim, D)
         self.double_blocks = [DoubleStreamBlock(D, p.num_heads, p.mlp_hidden) for _ in range(p.depth)]
         self.single_blocks = [SingleStreamBlock(D, p.num_heads, p.mlp_hidden) for _ in range(p.depth_single)]
-        self.final_layer = LastLayer(D, p.in_channels)
+        self.final_layer = LastLayer(D, p.out_channels)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels img_in takes now: params.in_channels, unless a control LoRA widened it (64 -> 128)."""
+        m = self.img_in
+        cols = m["weight"].shape[-1]
+        return cols * 32 // m.bits if "scales" in m else cols  # a quantized weight packs 32/bits per column
 
     def conditioning(self, timestep, pooled, guidance, dtype) -> mx.array:
         """The vector every block is modulated by: time + pooled text (+ guidance for dev). (B, D)"""
@@ -319,7 +333,7 @@ class FluxTransformer(nn.Module):
 
     def __call__(
         self,
-        img: mx.array,  # (B, N, in_channels) packed latents
+        img: mx.array,  # (B, N, in_channels) packed latents (+ concatenated conditioning channels)
         txt: mx.array,  # (B, L, context_dim) T5 hidden states
         pooled: mx.array,  # (B, vec_dim) CLIP pooled vector
         timestep: mx.array,  # (B,) sigma in [0, 1]

@@ -319,6 +319,12 @@ class AutoEncoder(nn.Module):
         # As diffusers' DiagonalGaussianDistribution, so exp(logvar) stays finite.
         return mean, mx.clip(logvar, -30.0, 20.0)
 
+    def encode_latents(self, image: mx.array) -> mx.array:
+        """(B, H, W, 3) image in [-1, 1] -> the posterior mean in the transformer's latent space
+        (B, H/8, W/8, latent_channels): deterministic, as diffusers' `sample_mode="argmax"`."""
+        mean, _ = self.encode(image)
+        return self.scale_latents(mean.astype(mx.float32))
+
     def decode(self, latents: mx.array, progress: Callable[[int, int], None] | None = None) -> mx.array:
         """(B, h, w, latent_channels) unscaled latents -> (B, 8h, 8w, 3) image, roughly in [-1, 1].
 

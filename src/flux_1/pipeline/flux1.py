@@ -23,7 +23,7 @@ from ..components import COMPONENTS, default_precision, precision_dtype, require
 from ..loading import load_component
 from ..lora import lora_strengths
 from ..models.transformer import FluxParams
-from . import sampler
+from . import conditioning, sampler
 from .variants import Variant, variant
 
 # Hard caps, whatever the machine: they keep every size computation far from int64 overflow (tokens
@@ -94,7 +94,8 @@ def available_memory() -> tuple[int | None, str]:
 
 
 def estimate_memory(height: int, width: int, dtype: mx.Dtype, params: FluxParams = FLUX1,
-                    on_gpu: bool | None = None) -> dict[str, int]:
+                    on_gpu: bool | None = None, reference_tokens: int = 0,
+                    input_pixels: int = 0) -> dict[str, int]:
     """Bytes of activations the largest stages need at this size (weights not counted: a lower bound).
 
     - transformer: per token of the joint sequence ((H/16)(W/16) image + 512 text tokens), a single
@@ -105,14 +106,17 @@ def estimate_memory(height: int, width: int, dtype: mx.Dtype, params: FluxParams
     - VAE decode: its convs run in strips, but the full-resolution tensors of the last up blocks are
       whole: about 640 channels' worth at H x W (the 256-channel upsampled input, the 128-channel
       working tensors and residual), plus the mid-block attention scores over (H/8)(W/8) pixels on CPU.
+      Encoding an input image of `input_pixels` holds less per pixel (128 channels at full size): it is
+      counted as a decode of that size, an upper bound.
+    - Kontext appends `reference_tokens` to the joint sequence (about doubling it).
     """
     on_gpu = mx.default_device() == mx.gpu if on_gpu is None else on_gpu
     b = dtype.size
-    tokens = (height // 16) * (width // 16) + TEXT_TOKENS
+    tokens = (height // 16) * (width // 16) + reference_tokens + TEXT_TOKENS
     transformer = tokens * (12 * params.hidden_size + 3 * params.mlp_hidden) * b
     if not on_gpu:
         transformer += params.num_heads * tokens * tokens * 4
-    pixels = height * width
+    pixels = max(height * width, input_pixels)
     vae = pixels * 640 * b + (0 if on_gpu else (pixels // 64) ** 2 * 4)
     return {"transformer": transformer, "vae decode": vae}
 
@@ -121,9 +125,11 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def check_size(height: int, width: int, dtype: mx.Dtype, params: FluxParams = FLUX1) -> None:
+def check_size(height: int, width: int, dtype: mx.Dtype, params: FluxParams = FLUX1,
+               reference_tokens: int = 0, input_pixels: int = 0) -> None:
     """Refuse a size whose activations alone exceed the device's memory (estimated, before loading)."""
-    need = estimate_memory(height, width, dtype, params)
+    need = estimate_memory(height, width, dtype, params, reference_tokens=reference_tokens,
+                           input_pixels=input_pixels)
     stage, peak = max(need.items(), key=lambda kv: kv[1])
     have, what = available_memory()
     if have is not None and peak > have:
@@ -135,12 +141,21 @@ def check_size(height: int, width: int, dtype: mx.Dtype, params: FluxParams = FL
 @dataclass
 class Config:
     """Sizes and steps are ints (an integral float such as 1024.0 is accepted; a bool, a string or
-    1024.5 is not); guidance is a finite number. Every check raises a ValueError naming the field."""
+    1024.5 is not); guidance and image_strength are finite numbers. Every check raises a ValueError
+    naming the field. Input files are read by `generate_image` (and checked by `plan_inputs`)."""
 
-    num_inference_steps: int | None = None  # None: the model's default (schnell 4, dev 25)
-    height: int = 1024
-    width: int = 1024
-    guidance: float = 3.5  # dev only; schnell has no guidance embedder and ignores it
+    num_inference_steps: int | None = None  # None: the model's default (schnell 4, dev 25, ...)
+    # None: 1024 for text to image; the input image's size rounded down to multiples of 16 with an
+    # image (Kontext: the reference's resized size; Fill: the outpainted size). Given: that size.
+    height: int | None = None
+    width: int | None = None
+    guidance: float | None = None  # None: the model's default; schnell has no guidance and ignores it
+    image_path: str | Path | None = None  # img2img start (schnell, dev), Kontext reference, Fill image
+    image_strength: float | None = None  # fraction of the schedule skipped, in [0, 1); needs image_path
+    mask_path: str | Path | None = None  # Fill: white is repainted
+    outpaint: tuple[int, int, int, int] | None = None  # Fill: pixels added (top, right, bottom, left)
+    control_image_path: str | Path | None = None  # Canny/Depth: an edge or depth map
+    auto_resize: bool = True  # Kontext: resize the reference to the nearest preferred resolution
 
     def __post_init__(self):
         if self.num_inference_steps is not None:
@@ -150,8 +165,11 @@ class Config:
             if steps > MAX_STEPS:
                 raise ValueError(f"steps must be at most {MAX_STEPS}, got {steps}")
             self.num_inference_steps = steps
-        self.guidance = finite_number(self.guidance, "guidance")
+        if self.guidance is not None:
+            self.guidance = finite_number(self.guidance, "guidance")
         for name in ("height", "width"):
+            if getattr(self, name) is None:
+                continue
             value = _integer(getattr(self, name), name)
             if value < 16:
                 raise ValueError(f"{name} must be at least 16 pixels, got {value}")
@@ -162,6 +180,159 @@ class Config:
                 warnings.warn(f"{name} {value} is not a multiple of 16: using {rounded}", stacklevel=3)
                 value = rounded
             setattr(self, name, value)
+        for name in ("image_path", "mask_path", "control_image_path"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a path, got {value!r}")
+            if value is not None and not str(value):
+                raise ValueError(f"{name} is empty")
+        if self.image_strength is not None:
+            strength = finite_number(self.image_strength, "image_strength")
+            if not 0 <= strength < 1:
+                raise ValueError(f"image_strength must be in [0, 1) (the fraction of the steps skipped), "
+                                 f"got {strength}")
+            if self.image_path is None:
+                raise ValueError("image_strength is given without an image: give image_path too")
+            self.image_strength = strength
+        if self.outpaint is not None:
+            try:
+                sides = tuple(_integer(v, "outpaint") for v in self.outpaint)
+            except TypeError:
+                raise ValueError(f"outpaint must be 4 pixel counts (top, right, bottom, left), "
+                                 f"got {self.outpaint!r}") from None
+            if len(sides) != 4 or min(sides) < 0 or max(sides) > MAX_SIDE:
+                raise ValueError(f"outpaint must be 4 pixel counts from 0 to {MAX_SIDE} (top, right, bottom, "
+                                 f"left), got {self.outpaint!r}")
+            if not any(sides):
+                raise ValueError("outpaint adds no pixel: give at least one non-zero side")
+            self.outpaint = sides
+        if not isinstance(self.auto_resize, bool):
+            raise ValueError(f"auto_resize must be True or False, got {self.auto_resize!r}")
+
+
+# -- image inputs: what each conditioning takes, and the sizes, before anything loads -------------------
+
+MODES = {"reference": "kontext", "fill": "fill", "control": "control"}  # conditioning -> metadata mode
+# Which Config fields each conditioning takes ("none" also takes image_path: img2img).
+TAKES = {
+    "none": {"image_path", "image_strength"},
+    "reference": {"image_path", "auto_resize"},
+    "fill": {"image_path", "image_strength", "mask_path", "outpaint"},
+    "control": {"control_image_path"},
+}
+WHAT = {"image_path": "an input image", "image_strength": "an image strength", "mask_path": "a mask",
+        "outpaint": "outpainting", "control_image_path": "a control image", "auto_resize": "auto_resize=False"}
+
+
+def conditioning_of(v: Variant, in_channels: int, source: str = "the transformer") -> str:
+    """The conditioning a transformer of this img_in width runs under `v`: the variant's own, or control
+    when a control LoRA widened a plain model's img_in to 128 inputs. Any other width is refused."""
+    from .variants import INPUT_CHANNELS
+
+    if v.conditioning == "none" and in_channels == INPUT_CHANNELS["control"]:
+        return "control"
+    if in_channels != v.in_channels:
+        kinds = {64: "a text-to-image or Kontext", 128: "a Canny/Depth", 384: "a Fill"}
+        kind = kinds.get(in_channels, "an unknown")
+        raise ValueError(f"{source} takes {in_channels} input channels ({kind} model), but {v.alias!r} needs "
+                         f"{v.in_channels}: choose the matching --model")
+    return v.conditioning
+
+
+@dataclass
+class Inputs:
+    """A request resolved against a variant: the mode, the output size and the input files, read."""
+
+    conditioning: str
+    width: int
+    height: int
+    image: object | None = None  # conditioning.InputImage
+    mask: object | None = None
+    control: object | None = None
+    image_strength: float | None = None  # img2img / Fill start; None: from noise
+    reference_size: tuple[int, int] | None = None  # Kontext (width, height)
+    outpaint: tuple[int, int, int, int] | None = None  # Fill (top, right, bottom, left)
+
+    @property
+    def mode(self) -> str:
+        if self.conditioning == "none":
+            return "img2img" if self.image is not None else "txt2img"
+        return MODES[self.conditioning]
+
+    @property
+    def reference_tokens(self) -> int:
+        if self.reference_size is None:
+            return 0
+        rows, cols = sampler.latent_grid(self.reference_size[1], self.reference_size[0])
+        return rows * cols
+
+    def records(self) -> dict[str, dict]:
+        named = {"image": self.image, "mask": self.mask, "control_image": self.control}
+        return {k: v.record() for k, v in named.items() if v is not None}
+
+
+def check_request(config: Config, v: Variant, conditioning: str) -> None:
+    """Refuse inputs the model cannot take, and a missing one it needs (no file is read)."""
+    given = {name for name in ("image_path", "image_strength", "mask_path", "outpaint", "control_image_path")
+             if getattr(config, name) is not None}
+    if not config.auto_resize:
+        given.add("auto_resize")
+    takes = TAKES[conditioning]
+    for name in sorted(given - takes):
+        if conditioning == "control" and name == "image_path":
+            raise ValueError(f"{v.alias!r} follows a control image: give it as control_image_path, "
+                             "not image_path")
+        users = {"mask_path": "Fill (dev-fill)", "outpaint": "Fill (dev-fill)",
+                 "control_image_path": "Canny/Depth (dev-canny, dev-depth, or dev with a control LoRA)",
+                 "auto_resize": "Kontext (dev-kontext)", "image_path": "schnell, dev, Kontext and Fill",
+                 "image_strength": "img2img (schnell, dev) and Fill"}[name]
+        shown = "auto_resize=False" if name == "auto_resize" else name
+        raise ValueError(f"{v.alias!r} takes no {shown}: {WHAT[name]} is for {users}")
+    if conditioning in ("reference", "fill") and config.image_path is None:
+        raise ValueError(f"{v.alias!r} needs an input image: give image_path")
+    if conditioning == "fill" and config.mask_path is None and config.outpaint is None:
+        raise ValueError(f"{v.alias!r} needs a mask (mask_path, white = repaint) or outpaint")
+    if conditioning == "control" and config.control_image_path is None:
+        what = v.alias if v.conditioning == "control" else f"{v.alias} with a control LoRA"
+        raise ValueError(f"{what!r} needs a control image (an edge or depth map): give control_image_path")
+
+
+def plan_inputs(config: Config, v: Variant, conditioning: str) -> Inputs:
+    """Check the request against the conditioning, read the input files (each failure names the file)
+    and resolve the output size. Mask-size mismatches warn (the mask is resized)."""
+    from . import conditioning as cond
+
+    check_request(config, v, conditioning)
+    plan = Inputs(conditioning, config.width or 1024, config.height or 1024, outpaint=config.outpaint)
+    source = None
+    if config.image_path is not None:
+        plan.image = source = cond.read_image(config.image_path, "image")
+    if config.mask_path is not None:
+        plan.mask = cond.read_image(config.mask_path, "mask")
+        if plan.mask.image.size != plan.image.image.size:
+            mw, mh = plan.mask.image.size
+            iw, ih = plan.image.image.size
+            warnings.warn(f"mask {plan.mask.path} is {mw}x{mh} but the image is {iw}x{ih}: the mask is resized "
+                          "to the image", stacklevel=3)
+    if config.control_image_path is not None:
+        plan.control = source = cond.read_image(config.control_image_path, "control image")
+    if source is None:
+        return plan
+    w, h = source.image.size
+    if conditioning == "reference":
+        plan.reference_size = cond.kontext_size(w, h, config.auto_resize)
+        w, h = plan.reference_size
+    elif conditioning == "fill":
+        w, h = cond.outpaint_size(w, h, config.outpaint)
+    w, h = cond.round_down(w, h)
+    for name, value in (("width", w), ("height", h)):
+        if value > MAX_SIDE:
+            raise ValueError(f"the output {name} would be {value} pixels, more than {MAX_SIDE}")
+    plan.width, plan.height = config.width or w, config.height or h
+    if conditioning in ("none", "fill") and plan.image is not None:
+        default = v.default_image_strength if v.default_image_strength is not None else 0.0
+        plan.image_strength = config.image_strength if config.image_strength is not None else default
+    return plan
 
 
 @dataclass
@@ -178,6 +349,8 @@ class GeneratedImage:
     # Whether config.guidance was used: the transformer has a guidance embedder (None: dev alias).
     uses_guidance: bool | None = None
     latents_given: bool = False
+    mode: str = "txt2img"  # txt2img, img2img, kontext, fill or control
+    inputs: dict[str, dict] = field(default_factory=dict)  # image / mask / control_image: file, sha256
 
     def metadata(self) -> dict:
         from .metadata import image_metadata
@@ -226,7 +399,7 @@ def skeleton(component: str, shapes: dict, dtype: mx.Dtype):
     return model
 
 
-def default_shapes(component: str, guidance: bool) -> dict:
+def default_shapes(component: str, guidance: bool, in_channels: int = FLUX1.in_channels) -> dict:
     """Shapes of the real FLUX.1 component (the params' defaults), for checks with no local folder."""
     from mlx.utils import tree_flatten
 
@@ -237,18 +410,20 @@ def default_shapes(component: str, guidance: bool) -> dict:
     else:
         from ..models.transformer import FluxTransformer
 
-        model = FluxTransformer(FluxParams(guidance_embed=guidance))
+        model = FluxTransformer(FluxParams(guidance_embed=guidance, in_channels=in_channels))
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
 def resolve_loras(paths: list[str], scales: list[float] | None, transformer_shapes: dict, clip_shapes: dict,
-                  dtype: mx.Dtype = mx.float32, log=None):
+                  dtype: mx.Dtype = mx.float32, log=None, transformer=None):
     """Read and resolve LoRA files against skeletons of the models (nothing loaded): every key, shape
-    and strength is checked, as applying them would. Returns the LoRAStack (side path, not merged)."""
+    and strength is checked, as applying them would. Returns the LoRAStack (side path, not merged).
+    `transformer`: a skeleton to resolve against (kept by the caller, e.g. to read img_in's width after
+    a control LoRA), instead of one built from `transformer_shapes`."""
     from ..lora import LoRAStack
 
-    return LoRAStack.load(paths, scales, skeleton("transformer", transformer_shapes, dtype),
-                          skeleton("clip", clip_shapes, dtype), merge=False, log=log)
+    transformer = transformer if transformer is not None else skeleton("transformer", transformer_shapes, dtype)
+    return LoRAStack.load(paths, scales, transformer, skeleton("clip", clip_shapes, dtype), merge=False, log=log)
 
 
 class Flux1:
@@ -289,6 +464,11 @@ class Flux1:
             note = "" if self.transformer_params.guidance_embed else ": guidance is ignored"
             warnings.warn(f"{self.root} holds {holds} transformer; loaded as {variant.alias!r}{note}",
                           stacklevel=3)
+        if self.transformer_params.out_channels != FLUX1.out_channels:
+            raise ValueError(f"{self.root}: the transformer outputs {self.transformer_params.out_channels} "
+                             f"channels, not {FLUX1.out_channels}: not a FLUX.1 transformer")
+        conditioning_of(variant, self.transformer_params.in_channels, f"the transformer in {self.root}")
+        self._lora_in_channels = None  # img_in's width after the LoRAs, as resolved on a skeleton
         self.baked_loras = self._baked_loras()
         t0 = time.perf_counter()
         if lora_paths:  # read and checked before any weight loads
@@ -371,6 +551,18 @@ class Flux1:
         mx.clear_cache()
 
     @property
+    def input_channels(self) -> int:
+        """img_in's width: the loaded transformer's, else as the LoRAs left the skeleton, else the headers'."""
+        if self._transformer is not None:
+            return self._transformer.input_channels
+        return self._lora_in_channels or self.transformer_params.in_channels
+
+    @property
+    def conditioning(self) -> str:
+        """How input images reach this model: none, reference, fill or control (see variants.py)."""
+        return conditioning_of(self.variant, self.input_channels)
+
+    @property
     def is_guidance_distilled(self) -> bool:
         """Whether the transformer has a guidance embedder (read off its weights; nothing is loaded)."""
         return self.transformer_params.guidance_embed
@@ -418,6 +610,7 @@ class Flux1:
 
         stack = LoRAStack.load(paths, scales, transformer, clip, merge=False,
                                log=print if self.progress else None)
+        self._lora_in_channels = transformer.input_channels  # a control LoRA widens img_in
         if self._transformer is not None:
             stack.set_merge(self.lora_merge, self._transformer, self.clip)
         else:
@@ -479,12 +672,23 @@ class Flux1:
 
     def check_size(self, config: Config) -> None:
         """Refuse a size that cannot fit in memory (see `check_size`), before anything runs."""
-        check_size(config.height, config.width, self.dtype, self.transformer_params)
+        plan = plan_inputs(config, self.variant, self.conditioning)
+        self._check_size(plan)
+
+    def _check_size(self, plan: Inputs) -> None:
+        pixels = max((i.image.width * i.image.height for i in (plan.image, plan.mask, plan.control) if i), default=0)
+        check_size(plan.height, plan.width, self.dtype, self.transformer_params,
+                   reference_tokens=plan.reference_tokens, input_pixels=pixels)
 
     def generate_image(self, seed: int | None, prompt: str, config: Config | None = None,
                        latents=None, progress: bool = True) -> GeneratedImage:
-        """One image. With `latents` (packed, (1, H/16 * W/16, 64)) the seed is not used: the metadata
-        records `seed: null` and `latents: "given"`."""
+        """One image, in the stages of BFL's sampling.py: encode the prompt, prepare the initial latents
+        (noise, or noise mixed with an encoded image), prepare the conditioning (reference tokens, or
+        channels to concatenate), denoise, decode.
+
+        With `latents` (packed, (1, H/16 * W/16, 64)) the seed is not used: the metadata records
+        `seed: null` and `latents: "given"`. For img2img (and Fill with image_strength > 0) `latents` is
+        the noise that is mixed with the encoded image."""
         config = config or Config()
         if not isinstance(config, Config):
             raise ValueError(f"config must be a Config, got {type(config).__name__}")
@@ -492,38 +696,147 @@ class Flux1:
         if latents is None:
             if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
                 raise ValueError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
-        self.check_size(config)
+        # A plain model with LoRAs may turn out to be a control model only once loaded (the LoRA widens
+        # img_in): a control image given to it is then checked after loading, not refused now.
+        deferred = (self._transformer is None and self.loras is not None and self.conditioning == "none"
+                    and config.control_image_path is not None)
+        plan = None if deferred else plan_inputs(config, self.variant, self.conditioning)
+        if plan is not None:
+            self._check_size(plan)
         steps = config.num_inference_steps or self.variant.default_steps
-        h, w = config.height, config.width
-        rows, cols = sampler.latent_grid(h, w)
-        timings = {}
+        guidance = self.variant.default_guidance if config.guidance is None else config.guidance
         if latents is not None:  # checked before the (slow) text encoding
-            x = mx.array(np.asarray(latents) if not isinstance(latents, mx.array) else latents)
-            want = (1, rows * cols, 4 * sampler.LATENT_CHANNELS)
-            if tuple(x.shape) != want:
-                raise ValueError(f"latents have shape {tuple(x.shape)}, expected {want} for {w}x{h}")
-            x = x.astype(self.dtype)
-            if not mx.isfinite(x).all().item():
+            latents = mx.array(np.asarray(latents) if not isinstance(latents, mx.array) else latents)
+            if plan is not None:
+                self._check_latents(latents, plan)
+            latents = latents.astype(self.dtype)
+            if not mx.isfinite(latents).all().item():
                 raise ValueError("the given latents hold NaN or infinite values")
+        timings = {}
 
         t0 = time.perf_counter()
         txt, pooled = self.encode_prompt(prompt)
         timings["text_encoding"] = time.perf_counter() - t0
 
-        if latents is None:
-            x = sampler.initial_noise(seed, h, w, self.dtype)
+        if plan is None:
+            self._load_staged(timings)
+            plan = plan_inputs(config, self.variant, self.conditioning)
+            self._check_size(plan)
+            if latents is not None:
+                self._check_latents(latents, plan)
+        h, w = plan.height, plan.width
+        rows, cols = sampler.latent_grid(h, w)
+        sigmas = sampler.schedule(steps, rows * cols, shift=self.is_guidance_distilled)
+        skip = 0
+        if plan.image_strength:
+            skip = conditioning.start_step(steps, plan.image_strength)
+            if skip >= steps:
+                raise ValueError(f"image_strength {plan.image_strength} skips all {steps} steps: lower it or "
+                                 "give more steps")
+        noise = latents if latents is not None else sampler.initial_noise(seed, h, w, self.dtype)
+
+        # The VAE is resident: images are encoded now, after the text encoders are freed and before
+        # the transformer is loaded (low_memory), so no two large models share the peak.
+        t0 = time.perf_counter()
+        x, cond = self.prepare_latents(plan, noise, float(sigmas[skip])), self.prepare_conditioning(plan)
+        if plan.mode != "txt2img":
+            mx.eval(x, *(a for a in (cond.channels, *(cond.tokens or ())) if a is not None))
+            timings["image_encoding"] = time.perf_counter() - t0
+        self._load_staged(timings)
+        if conditioning_of(self.variant, self.input_channels) != plan.conditioning:  # a LoRA changed img_in
+            plan_inputs(config, self.variant, self.conditioning)  # raises what is missing or extra
+        guidance_in = mx.array([guidance], dtype=mx.float32) if self.is_guidance_distilled else None
+
+        t0 = time.perf_counter()
+        x = self.denoise(x, txt, pooled, sigmas[skip:], guidance_in, cond, sampler.image_ids(h, w),
+                         progress=progress)
+        timings["denoising"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        pixels = self.decode(x, h, w, progress=progress)
+        timings["decoding"] = time.perf_counter() - t0
+        used = Config(num_inference_steps=steps, height=h, width=w, guidance=guidance,
+                      image_path=config.image_path if plan.image is not None else None,
+                      image_strength=plan.image_strength, mask_path=config.mask_path,
+                      outpaint=config.outpaint, control_image_path=config.control_image_path,
+                      auto_resize=config.auto_resize)
+        return GeneratedImage(
+            image=Image.fromarray(pixels), seed=None if latents is not None else int(seed), prompt=prompt,
+            config=used, model=self.variant.alias, precision=self.precision,
+            quantization=self.quantization, loras=self.lora_info(), timings=timings,
+            uses_guidance=self.is_guidance_distilled, latents_given=latents is not None,
+            mode=plan.mode, inputs=plan.records(),
+        )
+
+    def _load_staged(self, timings: dict) -> None:
         if self._transformer is None:  # low_memory: first loaded now, after the text encoders are freed
             self._load_transformer()
             timings["load_transformer"] = self.timings["load_transformer"]
-        img_ids, txt_ids = sampler.image_ids(h, w), sampler.text_ids(txt.shape[1])
-        pe = self.transformer.position_embedding(img_ids, txt_ids)
-        sigmas = sampler.schedule(steps, rows * cols, shift=self.is_guidance_distilled)
-        guidance = mx.array([config.guidance], dtype=mx.float32) if self.is_guidance_distilled else None
 
-        t0 = time.perf_counter()
+    @staticmethod
+    def _check_latents(latents: mx.array, plan: Inputs) -> None:
+        rows, cols = sampler.latent_grid(plan.height, plan.width)
+        want = (1, rows * cols, 4 * sampler.LATENT_CHANNELS)
+        if tuple(latents.shape) != want:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {want} for "
+                             f"{plan.width}x{plan.height}")
+
+    # -- stages ----------------------------------------------------------------------------------------
+
+    def encode_image(self, pixels: mx.array) -> mx.array:
+        """(1, H, W, 3) pixels in [-1, 1] -> packed posterior-mean latents (1, H/16 * W/16, 64), float32."""
+        return sampler.pack(self.vae.encode_latents(pixels.astype(self.dtype)))
+
+    def _fill_pixels(self, plan: Inputs) -> tuple[mx.array, mx.array]:
+        """Fill's image and binary mask at the output size ((1, H, W, 3), (H, W)), outpainted if asked."""
+        image = plan.image.image
+        mask = plan.mask.image if plan.mask is not None else None
+        if plan.outpaint:
+            image, mask = conditioning.pad(image, mask, plan.outpaint)
+        return (conditioning.image_pixels(image, plan.width, plan.height),
+                conditioning.mask_pixels(mask, plan.width, plan.height))
+
+    def prepare_latents(self, plan: Inputs, noise: mx.array, sigma: float) -> mx.array:
+        """The latents denoising starts from: the noise, or (img2img, Fill with image_strength > 0) the
+        encoded image noised to the first sigma of the truncated schedule."""
+        if not plan.image_strength:  # 0 skips nothing: sigma 1 is pure noise, the image is not encoded
+            return noise
+        if plan.conditioning == "fill":
+            pixels = self._fill_pixels(plan)[0]
+        else:
+            pixels = conditioning.image_pixels(plan.image.image, plan.width, plan.height)
+        return conditioning.noised(self.encode_image(pixels), noise, sigma)
+
+    def prepare_conditioning(self, plan: Inputs) -> conditioning.Conditioning:
+        """Kontext: reference tokens and ids; Fill: masked-image latents | packed mask; control: latents."""
+        if plan.conditioning == "reference":
+            w, h = plan.reference_size
+            ref = self.encode_image(conditioning.image_pixels(plan.image.image, w, h))
+            return conditioning.Conditioning(tokens=(ref, conditioning.reference_ids(h, w)))
+        if plan.conditioning == "fill":
+            pixels, mask = self._fill_pixels(plan)
+            masked = self.encode_image(pixels * (1 - mask[None, :, :, None]))
+            return conditioning.Conditioning(channels=mx.concatenate([masked, conditioning.pack_mask(mask)], -1))
+        if plan.conditioning == "control":
+            control = conditioning.image_pixels(plan.control.image, plan.width, plan.height)
+            return conditioning.Conditioning(channels=self.encode_image(control))
+        return conditioning.Conditioning()
+
+    def denoise(self, x: mx.array, txt: mx.array, pooled: mx.array, sigmas: np.ndarray,
+                guidance: mx.array | None, cond: conditioning.Conditioning, img_ids: mx.array,
+                progress: bool = True) -> mx.array:
+        """Euler steps from sigmas[0] to sigmas[-1]; the conditioning joins the latents at every step."""
+        steps = len(sigmas) - 1
+        n = x.shape[1]
+        _, ids = cond.model_input(x, img_ids)
+        txt_ids = sampler.text_ids(txt.shape[1])
+        pe = self.transformer.position_embedding(ids, txt_ids)
         for i in tqdm(range(steps), desc="denoising", disable=not progress):
             t = mx.array([float(sigmas[i])], dtype=mx.float32)
-            v = self.transformer(x, txt, pooled, t, img_ids, txt_ids, guidance=guidance, pe=pe)
+            inp, _ = cond.model_input(x, img_ids)
+            v = self.transformer(inp, txt, pooled, t, ids, txt_ids, guidance=guidance, pe=pe)
+            if cond.tokens is not None:
+                v = v[:, :n]  # the reference tokens' outputs are dropped
             x = sampler.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
             finite = mx.isfinite(x).all()
             mx.eval(x, finite)  # once per step: progress and timings are real; the check rides along
@@ -532,17 +845,7 @@ class Flux1:
                 raise NonFiniteError(
                     f"the latents became {what} at step {i + 1} of {steps}: a numeric overflow in "
                     f"{self.precision} (try --precision float32, or a lower LoRA strength) or broken weights")
-        timings["denoising"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        pixels = self.decode(x, h, w, progress=progress)
-        timings["decoding"] = time.perf_counter() - t0
-        return GeneratedImage(
-            image=Image.fromarray(pixels), seed=None if latents is not None else int(seed), prompt=prompt,
-            config=Config(steps, h, w, config.guidance), model=self.variant.alias, precision=self.precision,
-            quantization=self.quantization, loras=self.lora_info(), timings=timings,
-            uses_guidance=self.is_guidance_distilled, latents_given=latents is not None,
-        )
+        return x
 
     def decode(self, tokens: mx.array, height: int, width: int, progress: bool = False) -> np.ndarray:
         """Packed latents -> (H, W, 3) uint8 pixels; with `progress`, a bar advancing per conv strip."""

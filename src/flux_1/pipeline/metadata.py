@@ -60,9 +60,16 @@ def image_metadata(image: GeneratedImage) -> dict:
     - `seed` is null and `latents` is "given" when the image started from given latents (the seed was
       not used); otherwise `latents` is absent.
     - LoRAs baked into a saved folder's weights are listed with `"baked": true`.
+    - Image-conditioned images add `mode` (img2img, kontext, fill, control) and `inputs`: each input
+      file (image, mask, control_image) by name and SHA-256; img2img and Fill add `image_strength`,
+      Fill with outpainting `outpaint` ([top, right, bottom, left]), Kontext `auto_resize`.
     """
+    from .variants import VARIANTS
+
     config = image.config
-    uses_guidance = image.uses_guidance if image.uses_guidance is not None else image.model == "dev"
+    uses_guidance = image.uses_guidance
+    if uses_guidance is None:
+        uses_guidance = image.model in VARIANTS and VARIANTS[image.model].guidance_distilled
     meta = {
         "prompt": image.prompt,
         "model": image.model,
@@ -80,6 +87,15 @@ def image_metadata(image: GeneratedImage) -> dict:
     }
     if image.latents_given:
         meta["latents"] = "given"
+    if image.mode != "txt2img":
+        meta["mode"] = image.mode
+        meta["inputs"] = {k: dict(v) for k, v in image.inputs.items()}
+        if config.image_strength is not None:
+            meta["image_strength"] = config.image_strength
+        if config.outpaint is not None:
+            meta["outpaint"] = list(config.outpaint)
+        if image.mode == "kontext":
+            meta["auto_resize"] = config.auto_resize
     return meta
 
 
@@ -111,6 +127,9 @@ def a1111_parameters(meta: dict) -> str:
         ("Size", f"{meta['width']}x{meta['height']}"),
         ("Model", f"flux1-{meta['model']}"),
     ]
+    if meta.get("image_strength") is not None:
+        # A1111's img2img/inpaint "Denoising strength" is the fraction of the schedule run: 1 - ours.
+        fields.append(("Denoising strength", format_number(round(1 - meta["image_strength"], 6))))
     quant = quantization_label(meta.get("quantization"))
     if quant:
         fields.append(("Quantization", quant))

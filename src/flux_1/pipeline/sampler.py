@@ -55,6 +55,13 @@ def unpack(tokens: mx.array, height: int, width: int) -> mx.array:
     return x.reshape(B, rows * 2, cols * 2, C)
 
 
+def pack(latents: mx.array) -> mx.array:
+    """(B, h, w, C) channels-last latents -> (B, h/2 * w/2, C*4) tokens: the inverse of `unpack`."""
+    B, h, w, C = latents.shape
+    x = latents.reshape(B, h // 2, 2, w // 2, 2, C).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(B, (h // 2) * (w // 2), C * 4)
+
+
 def image_ids(height: int, width: int) -> mx.array:
     """(N, 3) position ids of the image tokens: (0, row, col)."""
     rows, cols = latent_grid(height, width)
