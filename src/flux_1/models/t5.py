@@ -6,12 +6,15 @@ shared by every block) and a gated-GELU feed forward. Only the last hidden state
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx import nn
+
+from .shapes import read_size
 
 _BLOCK_INDEX = re.compile(r"encoder\.block\.(\d+)\.")
 
@@ -38,25 +41,7 @@ class T5Params:
         tensor is named itself (ValueError quoting its key); a missing one is a KeyError naming it.
         """
 
-        def dim(key: str, axis: int) -> int:
-            shape = shapes[key]
-            if len(shape) <= axis:
-                raise ValueError(f"'{key}' has shape {tuple(shape)}: too few dimensions")
-            return shape[axis]
-
-        def agree(what: str, readings: list[tuple]) -> int:
-            # readings: (key, axis[, multiple]), the first one required; the majority value wins, the
-            # first tensor that disagrees with it is named (a ValueError quoting its key).
-            values = [(r[0], dim(r[0], r[1]) / (r[2] if len(r) > 2 else 1))
-                      for i, r in enumerate(readings) if i == 0 or r[0] in shapes]
-            counts = [v for _, v in values]
-            value = max(counts, key=counts.count)
-            for key, v in values:
-                if v != value or v <= 0:
-                    others = [k for k, w in values if w == value and k != key]
-                    said = f", where {', '.join(repr(k) for k in others)} give {value:g}" if others else ""
-                    raise ValueError(f"'{key}' has shape {tuple(shapes[key])}: it gives {what} = {v:g}{said}")
-            return int(value)
+        agree = functools.partial(read_size, shapes)
 
         attention = "encoder.block.0.layer.0.SelfAttention"
         ff = "encoder.block.0.layer.1.DenseReluDense"

@@ -6,11 +6,14 @@ Shapes: B batch, N image tokens, L text tokens, D hidden, H heads, d head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .shapes import read_size
 
 
 @dataclass(frozen=True)
@@ -47,25 +50,7 @@ class FluxParams:
         architecture it implied. A missing tensor that a width is read from is a KeyError naming it.
         """
 
-        def dim(key: str, axis: int) -> int:
-            shape = shapes[key]
-            if len(shape) <= axis:
-                raise ValueError(f"'{key}' has shape {tuple(shape)}: too few dimensions")
-            return shape[axis]
-
-        def agree(what: str, readings: list[tuple[str, int, int]]) -> int:
-            # readings: (key, axis, offset), the first one required; the majority value wins, the first
-            # tensor that disagrees with it is named.
-            values = [(key, dim(key, axis) - offset) for i, (key, axis, offset) in enumerate(readings)
-                      if i == 0 or key in shapes]
-            counts = [v for _, v in values]
-            value = max(counts, key=counts.count)
-            for key, v in values:
-                if v != value or v <= 0:
-                    others = [k for k, w in values if w == value and k != key]
-                    said = f", where {', '.join(repr(k) for k in others)} give {value}" if others else ""
-                    raise ValueError(f"'{key}' has shape {tuple(shapes[key])}: it gives {what} = {v}{said}")
-            return value
+        agree = functools.partial(read_size, shapes)
 
         def count(prefix: str) -> int:
             ids = {int(k.split(".")[1]) for k in shapes if k.startswith(prefix + ".") and k.split(".")[1].isdigit()}

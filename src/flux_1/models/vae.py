@@ -11,6 +11,7 @@ Nothing below keeps a reference to an intermediate longer than the block that ma
 row strips when large (`Conv3x3`): MLX's CPU backend lowers a conv to an im2col buffer 9x its input.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx import nn
+
+from .shapes import read_size
 
 
 @dataclass(frozen=True)
@@ -42,25 +45,7 @@ class VAEParams:
         named itself (ValueError quoting its key); a missing one is a KeyError naming it.
         """
 
-        def dim(key: str, axis: int) -> int:
-            shape = shapes[key]
-            if len(shape) <= axis:
-                raise ValueError(f"'{key}' has shape {tuple(shape)}: too few dimensions")
-            return shape[axis]
-
-        def agree(what: str, readings: list[tuple]) -> int:
-            # readings: (key, axis[, multiple]), the first one required; the majority value wins, the
-            # first tensor that disagrees with it is named (a ValueError quoting its key).
-            values = [(r[0], dim(r[0], r[1]) / (r[2] if len(r) > 2 else 1))
-                      for i, r in enumerate(readings) if i == 0 or r[0] in shapes]
-            counts = [v for _, v in values]
-            value = max(counts, key=counts.count)
-            for key, v in values:
-                if v != value or v <= 0:
-                    others = [k for k, w in values if w == value and k != key]
-                    said = f", where {', '.join(repr(k) for k in others)} give {value:g}" if others else ""
-                    raise ValueError(f"'{key}' has shape {tuple(shapes[key])}: it gives {what} = {v:g}{said}")
-            return int(value)
+        agree = functools.partial(read_size, shapes)
 
         blocks = []
         while f"encoder.down_blocks.{len(blocks)}.resnets.0.conv1.weight" in shapes:
@@ -80,7 +65,7 @@ class VAEParams:
             in_channels=agree("image channels in", [("encoder.conv_in.weight", 3)]),
             out_channels=agree("image channels out", [("decoder.conv_out.weight", 0), ("decoder.conv_out.bias", 0)]),
             latent_channels=agree("latent channels", [  # the encoder outputs mean | log-variance
-                ("decoder.conv_in.weight", 3), ("encoder.conv_out.weight", 0, 2), ("encoder.conv_out.bias", 0, 2),
+                ("decoder.conv_in.weight", 3), ("encoder.conv_out.weight", 0, 0, 2), ("encoder.conv_out.bias", 0, 0, 2),
             ]),
             block_out_channels=tuple(blocks),
             layers_per_block=layers,
