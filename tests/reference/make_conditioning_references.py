@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -565,16 +564,9 @@ def _compute(workdir: Path) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    import time
+    from tests.reference.make_reference_outputs import write_reference
 
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="flux1-tiny-cond-") as tmp:
-        ref = compute_conditioning_reference(Path(tmp))
-    np.savez_compressed(NPZ_PATH, **ref)
-    print(
-        f"wrote {NPZ_PATH} ({NPZ_PATH.stat().st_size / 1024:.0f} KiB, {len(ref)} arrays) "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    write_reference(NPZ_PATH, compute_conditioning_reference, "flux1-tiny-cond-")
 
 
 if __name__ == "__main__":

@@ -475,17 +475,21 @@ def compare_references(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol:
     return problems
 
 
-def main() -> None:
+def write_reference(npz_path: Path, compute, prefix: str) -> None:
+    """Run `compute(workdir)` in a temporary folder and write its arrays to `npz_path` (every reference
+    script's main)."""
     import time
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="flux1-tiny-") as tmp:
-        ref = compute_reference(Path(tmp))
-    np.savez_compressed(NPZ_PATH, **ref)
-    print(
-        f"wrote {NPZ_PATH} ({NPZ_PATH.stat().st_size / 1024:.0f} KiB, {len(ref)} arrays) "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        ref = compute(Path(tmp))
+    np.savez_compressed(npz_path, **ref)
+    print(f"wrote {npz_path} ({npz_path.stat().st_size / 1024:.0f} KiB, {len(ref)} arrays) "
+          f"in {time.perf_counter() - start:.1f} s")
+
+
+def main() -> None:
+    write_reference(NPZ_PATH, compute_reference, "flux1-tiny-")
 
 
 if __name__ == "__main__":
