@@ -121,3 +121,57 @@ def test_merge_keeps_first_row_and_borrows_the_vae_stage():
     assert merged["rows"][0]["decode_s"] == 5.0 and merged["rows"][0]["decode_from_other_run"]
     assert [bd["step_s"] for bd in merged["breakdowns"]] == [2.0]
     assert merged["commands"] == ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def kontext_result(tmp_path_factory):
+    """Kontext beside text to image, at a non-square size (--width overrides the config's)."""
+    out = tmp_path_factory.mktemp("bench-kontext")
+    args = ["--config", "tiny", "--mode", "txt2img", "kontext", "--width", "160", "--steps", "1", "--warmup", "1",
+            "--no-breakdown", "--reference", "off", "--output-json", str(out / "kontext.json"),
+            "--markdown", str(out / "kontext.md"), "--quiet"]
+    return main(args), out
+
+
+def test_kontext_mode_fields(kontext_result):
+    result, out = kontext_result
+    on_disk = json.loads((out / "kontext.json").read_text())
+    cfg = on_disk["config"]
+    assert (cfg["height"], cfg["width"], cfg["img_tokens"]) == (128, 160, 8 * 10)
+    assert on_disk["settings"]["modes"] == ["txt2img", "kontext"] and on_disk["settings"]["encode"]
+    by = {r["mode"]: r for r in on_disk["rows"]}
+    assert set(by) == {"txt2img", "kontext"} and len(on_disk["rows"]) == 2
+    t2i, kon = by["txt2img"], by["kontext"]
+    n, txt = cfg["img_tokens"], cfg["txt_tokens"]
+    assert t2i["tokens"] == {"image": n, "reference": 0, "text": txt, "sequence": n + txt}
+    assert kon["tokens"] == {"image": n, "reference": n, "text": txt, "sequence": 2 * n + txt}  # image tokens doubled
+    for r in (t2i, kon):
+        assert r["impl"] == "ours" and r["step_method"] == "measured" and len(r["step_times_s"]) == 1
+        assert r["step_s"] > 0 and r["peak_gb"]["step"] > 0 and r["decode_s"] > 0
+    assert kon["flops_per_step"] > t2i["flops_per_step"]
+    assert kon["encode_s"] > 0 and kon["peak_gb"]["encode"] > 0 and "encode_s" not in t2i
+    assert {"step_vs_txt2img", "peak_step_vs_txt2img"} <= set(kon["ratios"])
+    assert on_disk["analytic"]["this_config_kontext"]["total"] > on_disk["analytic"]["this_config"]["total"]
+    assert not on_disk["breakdowns"]  # --no-breakdown
+    md = (out / "kontext.md").read_text()
+    assert "| ours | fp32, Kontext |" in md and "Kontext beside text to image" in md
+    assert f"| {n + txt} / {2 * n + txt} |" in md
+
+
+def test_kontext_ratios_on_both_sides():
+    def row(impl, mode, step, peak):
+        return {"impl": impl, "precision": "float32", "quantize": None, "lora_rank": 0, "mode": mode,
+                "step_s": step, "peak_gb": {"step": peak}}
+
+    rows = [row("ours", "txt2img", 1.0, 2.0), row("ours", "kontext", 3.0, 4.0),
+            row("diffusers", "txt2img", 2.0, 2.0), row("diffusers", "kontext", 4.0, 3.0)]
+    report.add_ratios({"rows": rows})
+    assert rows[0]["ratios"]["step_vs_diffusers"] == 0.5 and "step_vs_txt2img" not in rows[0]["ratios"]
+    assert rows[1]["ratios"]["step_vs_diffusers"] == 0.75  # against diffusers' Kontext row
+    assert rows[1]["ratios"]["step_vs_txt2img"] == 3.0 and rows[1]["ratios"]["peak_step_vs_txt2img"] == 2.0
+    assert rows[3]["ratios"] == {"step_vs_txt2img": 2.0, "peak_step_vs_txt2img": 1.5}
+    # rows from before modes existed are text to image; merge keeps one row per mode
+    old = {k: v for k, v in rows[0].items() if k != "mode"}
+    merged = report.merge([{"command": "a", "env": {}, "rows": [old, rows[1]]},
+                           {"command": "b", "env": {}, "rows": [rows[0]]}])
+    assert [report._mode(r) for r in merged["rows"]] == ["txt2img", "kontext"]

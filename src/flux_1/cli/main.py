@@ -1,4 +1,4 @@
-"""`flux1-generate` / `python main.py`: text to image with FLUX.1 schnell or dev.
+"""`flux1-generate` / `python main.py`: images with FLUX.1: text to image, img2img, Kontext, Fill, Canny/Depth.
 
 Everything that can be checked without the model (arguments, numbers, the prompt's encoding, whether
 the size fits in memory, the checkpoint's folders and safetensors headers, each LoRA file resolved

@@ -453,6 +453,9 @@ class Flux1:
         self.quant_spec = q.parse(quantize)
         lora_scales = lora_strengths(lora_paths or [], lora_scales) if lora_paths else None
         self._prompt_cache: dict[str, tuple[mx.array, mx.array]] = {}
+        # Encoded input images of the last request, so several seeds encode each input once.
+        self._encodings: dict[tuple, mx.array] = {}
+        self._encodings_used: set[tuple] = set()
         self.loras = None
         self._transformer = None
         self.t5 = self.clip = None
@@ -523,13 +526,18 @@ class Flux1:
         return load_component(self.root, component, self.dtype, self.quant_spec)
 
     def _baked_loras(self) -> list[dict]:
-        """LoRAs merged into a saved folder's weights (its manifest lists them), for the metadata."""
+        """LoRAs merged into a saved folder's weights (its manifest lists them), for the metadata. A folder
+        saved as another model (Kontext weights have dev's shapes) is a warning before anything loads."""
         from ..loading import saved
 
         if not saved.is_saved_folder(self.root):
             return []
+        manifest = saved.read_manifest(self.root)
+        if manifest.get("model") not in (None, self.variant.alias):
+            warnings.warn(f"{self.root} was saved as {manifest.get('model')!r}; loaded as {self.variant.alias!r}",
+                          stacklevel=4)
         entries = []
-        for lora in saved.read_manifest(self.root).get("loras") or []:
+        for lora in manifest.get("loras") or []:
             name = Path(str(lora.get("name") or lora.get("path") or "lora")).stem
             entries.append({"name": name, "scale": float(lora.get("scale", 1.0)), "baked": True})
         return entries
@@ -738,7 +746,9 @@ class Flux1:
         # The VAE is resident: images are encoded now, after the text encoders are freed and before
         # the transformer is loaded (low_memory), so no two large models share the peak.
         t0 = time.perf_counter()
+        self._encodings_used = set()
         x, cond = self.prepare_latents(plan, noise, float(sigmas[skip])), self.prepare_conditioning(plan)
+        self._encodings = {k: v for k, v in self._encodings.items() if k in self._encodings_used}
         if plan.mode != "txt2img":
             mx.eval(x, *(a for a in (cond.channels, *(cond.tokens or ())) if a is not None))
             timings["image_encoding"] = time.perf_counter() - t0
@@ -787,6 +797,18 @@ class Flux1:
         """(1, H, W, 3) pixels in [-1, 1] -> packed posterior-mean latents (1, H/16 * W/16, 64), float32."""
         return sampler.pack(self.vae.encode_latents(pixels.astype(self.dtype)))
 
+    def _encoded(self, key: tuple, pixels) -> mx.array:
+        """`encode_image(pixels())`, kept while the same input (file digest, size, role) comes again."""
+        self._encodings_used.add(key)
+        if key not in self._encodings:
+            self._encodings[key] = self.encode_image(pixels())
+        return self._encodings[key]
+
+    @staticmethod
+    def _input_key(role: str, plan: Inputs, *inputs, size: tuple[int, int] | None = None) -> tuple:
+        digests = tuple(i.sha256 if i is not None else None for i in inputs)
+        return (role, digests, size or (plan.width, plan.height), plan.outpaint)
+
     def _fill_pixels(self, plan: Inputs) -> tuple[mx.array, mx.array]:
         """Fill's image and binary mask at the output size ((1, H, W, 3), (H, W)), outpainted if asked."""
         image = plan.image.image
@@ -802,24 +824,29 @@ class Flux1:
         if not plan.image_strength:  # 0 skips nothing: sigma 1 is pure noise, the image is not encoded
             return noise
         if plan.conditioning == "fill":
-            pixels = self._fill_pixels(plan)[0]
+            encoded = self._encoded(self._input_key("fill image", plan, plan.image, plan.mask),
+                                    lambda: self._fill_pixels(plan)[0])
         else:
-            pixels = conditioning.image_pixels(plan.image.image, plan.width, plan.height)
-        return conditioning.noised(self.encode_image(pixels), noise, sigma)
+            encoded = self._encoded(self._input_key("image", plan, plan.image), lambda: conditioning.image_pixels(
+                plan.image.image, plan.width, plan.height))
+        return conditioning.noised(encoded, noise, sigma)
 
     def prepare_conditioning(self, plan: Inputs) -> conditioning.Conditioning:
         """Kontext: reference tokens and ids; Fill: masked-image latents | packed mask; control: latents."""
         if plan.conditioning == "reference":
             w, h = plan.reference_size
-            ref = self.encode_image(conditioning.image_pixels(plan.image.image, w, h))
+            ref = self._encoded(self._input_key("reference", plan, plan.image, size=(w, h)),
+                                lambda: conditioning.image_pixels(plan.image.image, w, h))
             return conditioning.Conditioning(tokens=(ref, conditioning.reference_ids(h, w)))
         if plan.conditioning == "fill":
             pixels, mask = self._fill_pixels(plan)
-            masked = self.encode_image(pixels * (1 - mask[None, :, :, None]))
+            masked = self._encoded(self._input_key("masked image", plan, plan.image, plan.mask),
+                                   lambda: pixels * (1 - mask[None, :, :, None]))
             return conditioning.Conditioning(channels=mx.concatenate([masked, conditioning.pack_mask(mask)], -1))
         if plan.conditioning == "control":
-            control = conditioning.image_pixels(plan.control.image, plan.width, plan.height)
-            return conditioning.Conditioning(channels=self.encode_image(control))
+            control = self._encoded(self._input_key("control", plan, plan.control), lambda: conditioning.image_pixels(
+                plan.control.image, plan.width, plan.height))
+            return conditioning.Conditioning(channels=control)
         return conditioning.Conditioning()
 
     def denoise(self, x: mx.array, txt: mx.array, pooled: mx.array, sigmas: np.ndarray,

@@ -35,7 +35,7 @@ def save_model(out: str | Path, model: str, source: str | Path | None = None, qu
          precision: str = "bfloat16", lora_paths: list[str] | None = None,
          lora_scales: list[float] | None = None, overwrite: bool = False,
          max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] | None = None) -> Path:
-    """Write FLUX.1-`model` (schnell | dev) from `source` (a local folder; None: the Hub) into `out`,
+    """Write FLUX.1-`model` (any alias of variants.py) from `source` (a local folder; None: the Hub) into `out`,
     quantized with `quantize` (bits or mode; None: full precision), LoRAs merged in first.
 
     Each component is loaded, written and released in turn. Without LoRAs it is quantized while
