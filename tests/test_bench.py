@@ -175,3 +175,14 @@ def test_kontext_ratios_on_both_sides():
     merged = report.merge([{"command": "a", "env": {}, "rows": [old, rows[1]]},
                            {"command": "b", "env": {}, "rows": [rows[0]]}])
     assert [report._mode(r) for r in merged["rows"]] == ["txt2img", "kontext"]
+
+
+def test_merge_clean_keeps_the_least_contended_row():
+    def row(mode, step, others):
+        return {"impl": "diffusers", "precision": "float32", "quantize": None, "lora_rank": 0, "mode": mode,
+                "step_s": step, "step_times_s": [step], "step_others_cpu_s": [others]}
+
+    a = {"command": "a", "env": {}, "rows": [row("txt2img", 50.0, 45.0), row("kontext", 20.0, 1.0)]}
+    b = {"command": "b", "env": {}, "rows": [row("txt2img", 12.0, 0.3), row("kontext", 80.0, 68.0)]}
+    assert [r["step_s"] for r in report.merge([a, b])["rows"]] == [50.0, 20.0]  # first file's rows
+    assert [r["step_s"] for r in report.merge([a, b], clean=True)["rows"]] == [12.0, 20.0]

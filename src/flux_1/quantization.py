@@ -188,6 +188,26 @@ def plan_spec(plan: dict[str, dict]) -> QuantSpec | None:
     return QuantSpec(bits=bits, group_size=group, mode=mode)
 
 
+def is_mixed(plan: dict[str, dict]) -> bool:
+    """Whether a plan's layers differ in bits or mode (a GGUF's per-tensor types, saved as such); such a
+    plan has no single spec (`plan_spec` refuses it): describe it with `plan_summary`."""
+    return len({(p["bits"], p.get("mode", "affine")) for p in plan.values()}) > 1
+
+
+def setting_label(how: dict) -> str:
+    """One layer's MLX setting: "4-bit affine (group 32)", "mxfp4"."""
+    mode = how.get("mode", "affine")
+    return f"{how['bits']}-bit affine (group {how['group_size']})" if mode == "affine" else mode
+
+
+def plan_summary(plan: dict[str, dict]) -> dict[str, int]:
+    """{MLX setting: number of layers}, most common first: the mix of a per-layer plan."""
+    counts: dict[str, int] = {}
+    for how in plan.values():
+        counts[setting_label(how)] = counts.get(setting_label(how), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _check_plan(model: nn.Module, plan: dict[str, dict]) -> None:
     modules = dict(model.named_modules())
     bad = [n for n in plan if not isinstance(modules.get(n), (nn.Linear, nn.Embedding, *QUANTIZED))]

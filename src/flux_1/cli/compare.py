@@ -45,6 +45,7 @@ from .main import (
     make_config,
     model_in_channels,
     print_backend,
+    resolve_gguf_args,
 )
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0)
@@ -249,6 +250,7 @@ def compare(args: argparse.Namespace, config: Config) -> tuple[list[Path], Path]
     mx.reset_peak_memory()
     # The side path (no merge): every strength, 0 included, is exact against the untouched base weights.
     flux = Flux1.from_alias(args.model, path=args.path, quantize=args.quantize,
+                            transformer_gguf=args.transformer_gguf, t5_gguf=args.t5_gguf,
                             lora_paths=args.lora_paths, lora_scales=base,
                             precision=args.precision, low_memory=True, lora_merge=False)
     base_loras = flux.lora_info()
@@ -292,10 +294,13 @@ def main(argv: list[str] | None = None) -> None:
             print_backend()
         check_output_folder(args.output_dir / GRID_NAME)
         config = make_config(args)
+        gguf_files = resolve_gguf_args(args)
         if args.path is not None:
-            check_model_folder(args.path)
-        widened = check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision)
-        check_inputs(config, args.model, widened or model_in_channels(args.model, args.path), True, args.precision)
+            check_model_folder(args.path, gguf_files)
+        widened = check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision,
+                                   gguf_files)
+        check_inputs(config, args.model, widened or model_in_channels(args.model, args.path, gguf_files), True,
+                     args.precision)
         compare(args, config)
 
 

@@ -79,8 +79,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "--control-image-path)")
     p.add_argument("--prompt", "-p", required=True, help="the text to draw")
     p.add_argument("--path", type=Path,
-                   help="local model folder (diffusers layout, BFL files, or saved by flux1-save) "
-                   "instead of the Hugging Face Hub")
+                   help="local model folder (diffusers layout, BFL files, a folder holding a transformer .gguf, or "
+                   "saved by flux1-save) instead of the Hugging Face Hub; or a transformer .gguf file (the other "
+                   "components then come from the Hub)")
+    p.add_argument("--transformer-gguf", type=Path, metavar="FILE",
+                   help="a FLUX transformer GGUF (city96's) used instead of the model's transformer")
+    p.add_argument("--t5-gguf", type=Path, metavar="FILE", help="a T5-XXL encoder GGUF used instead of the model's T5")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 4 for schnell, 25 for dev)")
     for side in ("--height", "--width"):
         p.add_argument(side, type=int,
@@ -167,7 +171,21 @@ def check_output_folder(path: Path) -> None:
             return
 
 
-def check_model_folder(root: Path) -> None:
+def resolve_gguf_args(args: argparse.Namespace) -> dict[str, Path]:
+    """{component: GGUF file} from --path / --transformer-gguf / --t5-gguf, each checked (a regular file
+    of the right architecture). A --path that is a .gguf file becomes --transformer-gguf (args.path: None,
+    the other components from the Hub)."""
+    from ..loading import gguf
+
+    path, tg, t5 = getattr(args, "path", None), getattr(args, "transformer_gguf", None), getattr(args, "t5_gguf", None)
+    if path is not None and gguf.is_gguf(path) and not Path(path).is_dir():
+        if tg is not None:
+            raise CLIError(f"--path {path} is a transformer GGUF and --transformer-gguf {tg} is given: give one")
+        args.path, args.transformer_gguf = None, path
+    return gguf.resolve_files(args.path, args.transformer_gguf, t5)
+
+
+def check_model_folder(root: Path, gguf_files: dict | None = None) -> None:
     """Fail now, not after minutes of loading, on a missing/unreadable folder, component or weight file."""
     from ..components import COMPONENTS, require_tokenizers
     from ..loading import folder, saved
@@ -182,7 +200,8 @@ def check_model_folder(root: Path) -> None:
         saved.check_folder(root)  # manifest, every shard's header and metadata, tokenizers
         return
     for component in COMPONENTS:
-        folder.find_source(root, component)  # lazy: reads safetensors headers only
+        if component not in (gguf_files or {}):
+            folder.find_source(root, component)  # lazy: reads safetensors headers only
     require_tokenizers(root)
 
 
@@ -202,7 +221,7 @@ def check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def check_lora_files(paths: list[str], scales: list[float] | None, model: str, root: Path | None,
-                     precision: str | None = None) -> int | None:
+                     precision: str | None = None, gguf_files: dict | None = None) -> int | None:
     """Read each LoRA file (header first) and resolve every key against the model's modules, as loading
     would, but against lazy skeletons built from the model folder's headers (`root`), or from FLUX.1's
     own shapes when the model comes from the Hub: a bad LoRA fails now, not after minutes of loading.
@@ -221,11 +240,9 @@ def check_lora_files(paths: list[str], scales: list[float] | None, model: str, r
             raise CLIError(f"LoRA file {path} is not a readable .safetensors file ({why})") from None
         if not [k for k in header if k != "__metadata__"]:
             raise CLIError(f"LoRA file {path} holds no tensors")
-    if root is not None:
-        shapes = {c: component_shapes(root, c) for c in ("transformer", "clip")}
-    else:
-        v = VARIANTS[model]
-        shapes = {c: default_shapes(c, v.guidance_distilled, v.in_channels) for c in ("transformer", "clip")}
+    v = VARIANTS[model]
+    shapes = {c: component_shapes(root, c, gguf_files) if root is not None or c in (gguf_files or {})
+              else default_shapes(c, v.guidance_distilled, v.in_channels) for c in ("transformer", "clip")}
     dtype = precision_dtype(precision or default_precision())
     transformer = skeleton("transformer", shapes["transformer"], dtype)
     resolve_loras(paths, scales, shapes["transformer"], shapes["clip"], dtype, transformer=transformer)
@@ -304,14 +321,23 @@ def check_inputs(config: Config, model: str, in_channels: int, loras: bool, prec
                    reference_tokens=plan.reference_tokens, input_pixels=pixels)
 
 
-def model_in_channels(model: str, root: Path | None) -> int:
+def model_in_channels(model: str, root: Path | None, gguf_files: dict | None = None) -> int:
     """img_in's width of the checkpoint (its headers), or of the variant's own when it comes from the Hub."""
-    if root is None:
+    if root is None and "transformer" not in (gguf_files or {}):
         return VARIANTS[model].in_channels
     from ..models.transformer import FluxParams
     from ..pipeline.flux1 import component_shapes
 
-    return FluxParams.from_shapes(component_shapes(root, "transformer")).in_channels
+    return FluxParams.from_shapes(component_shapes(root, "transformer", gguf_files)).in_channels
+
+
+def print_gguf(gguf_files: dict) -> None:
+    """-v: each GGUF file's tensor types (counts per type, as ComfyUI-GGUF logs them)."""
+    from ..loading.gguf import gguf_types
+
+    for component, path in gguf_files.items():
+        mix = ", ".join(f"{kind} ({n})" for kind, n in gguf_types(path, component).items())
+        print(f"{component}: GGUF {path.name}: {mix}")
 
 
 def print_backend() -> None:
@@ -338,9 +364,12 @@ def generate(args: argparse.Namespace, config: Config, template: str) -> list[Pa
     mx.reset_peak_memory()
     flux = Flux1.from_alias(args.model, path=args.path, quantize=args.quantize,
                             lora_paths=args.lora_paths or None, lora_scales=args.lora_scales,
-                            precision=args.precision, low_memory=True)
+                            precision=args.precision, low_memory=True,
+                            transformer_gguf=args.transformer_gguf, t5_gguf=args.t5_gguf)
     if args.verbose:
         print(f"load: {time.perf_counter() - t0:.2f} s, peak memory {format_bytes(mx.get_peak_memory())}")
+        if flux.gguf_files:
+            print_gguf(flux.gguf_files)
 
     steps = config.num_inference_steps or flux.variant.default_steps
     written = []
@@ -352,6 +381,10 @@ def generate(args: argparse.Namespace, config: Config, template: str) -> list[Pa
         if args.verbose:
             stages = ", ".join(f"{name.replace('_', ' ')}: {t:.2f} s" for name, t in image.timings.items())
             print(f"{stages}, peak memory {format_bytes(mx.get_peak_memory())}")
+            mlx = ((image.quantization or {}).get("gguf", {}).get("transformer", {}).get("mlx")
+                   or (image.quantization or {}).get("layers"))
+            if mlx:
+                print("transformer layers: " + ", ".join(f"{k} ({n})" for k, n in mlx.items()))
         target = Path(template.format(seed=seed, model=args.model, steps=steps))
         path = image.save(target, overwrite=False, sidecar=args.metadata)
         print(f"Saved {path}" + (f" and {path.with_suffix('.json')}" if args.metadata else ""))
@@ -374,10 +407,12 @@ def main(argv: list[str] | None = None) -> None:
             print_backend()
         check_output_folder(Path(template.format(seed=args.seed[0], model=args.model, steps=args.steps or 0)))
         config = make_config(args)
+        gguf_files = resolve_gguf_args(args)
         if args.path is not None:
-            check_model_folder(args.path)
-        widened = check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision)
-        check_inputs(config, args.model, widened or model_in_channels(args.model, args.path),
+            check_model_folder(args.path, gguf_files)
+        widened = check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision,
+                                   gguf_files)
+        check_inputs(config, args.model, widened or model_in_channels(args.model, args.path, gguf_files),
                      bool(args.lora_paths), args.precision)
         generate(args, config, template)
 

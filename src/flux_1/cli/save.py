@@ -21,6 +21,7 @@ from .main import (
     check_lora_files,
     check_model_folder,
     parse_quantize,
+    resolve_gguf_args,
 )
 
 
@@ -35,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quantize", type=parse_quantize, metavar="BITS",
                    help=f"quantize: {', '.join(CHOICES)} (default: none, full precision)")
     p.add_argument("--source", type=Path,
-                   help="local model folder (diffusers layout, BFL files, or a full-precision saved folder) "
-                   "instead of the Hugging Face Hub")
+                   help="local model folder (diffusers layout, BFL files, a folder holding a transformer .gguf, "
+                   "or a full-precision saved folder) instead of the Hugging Face Hub; or a transformer .gguf file")
+    p.add_argument("--transformer-gguf", type=Path, metavar="FILE",
+                   help="a FLUX transformer GGUF: its per-layer quantization is saved as it is")
+    p.add_argument("--t5-gguf", type=Path, metavar="FILE", help="a T5-XXL encoder GGUF")
     add_lora_arguments(p, "one strength per LoRA path (default 1.0 each)",
                        "LoRA .safetensors files merged into the weights before quantizing")
     p.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16",
@@ -55,15 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     check_lora_args(parser, args)
     with user_errors():
         # Everything that can fail without the model fails now, not after minutes of loading.
+        ns = argparse.Namespace(path=args.source, transformer_gguf=args.transformer_gguf, t5_gguf=args.t5_gguf)
+        gguf_files = resolve_gguf_args(ns)
+        args.source, args.transformer_gguf = ns.path, ns.transformer_gguf
         if args.source is not None:
-            check_model_folder(args.source)
-        check_lora_files(args.lora_paths, args.lora_scales, args.model, args.source, args.precision)
+            check_model_folder(args.source, gguf_files)
+        check_lora_files(args.lora_paths, args.lora_scales, args.model, args.source, args.precision, gguf_files)
         from ..pipeline.save_model import save_model
 
         t0 = time.perf_counter()
         out = save_model(args.path, args.model, source=args.source, quantize=args.quantize,
                          precision=args.precision, lora_paths=args.lora_paths, lora_scales=args.lora_scales,
-                         overwrite=args.overwrite, log=print)
+                         overwrite=args.overwrite, log=print, transformer_gguf=args.transformer_gguf,
+                         t5_gguf=args.t5_gguf)
         print(f"Saved {args.model} to {out} ({folder_bytes(out) / 1e9:.2f} GB, "
               f"{time.perf_counter() - t0:.1f} s)")
 

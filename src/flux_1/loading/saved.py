@@ -161,11 +161,18 @@ def load_saved_component(root: Path, component: str, dtype: mx.Dtype, spec: q.Qu
         for how in plan.values():
             q.QuantSpec(bits=int(how["bits"]), group_size=int(how["group_size"]), mode=how["mode"])
         saved = manifest.get("quantization")
-        saved_spec = q.QuantSpec.from_dict(saved) if saved else None
+        mixed = bool(saved) and saved.get("mode") == "mixed"  # a per-layer plan (GGUF source)
+        saved_spec = q.QuantSpec.from_dict(saved) if saved and not mixed else None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SavedFormatError(f"{files[0]}: unreadable quantization metadata ({e!r})") from e
     disagrees = saved_spec is not None and spec is not None and (spec.bits, spec.mode) != (
         saved_spec.bits, saved_spec.mode)
+    if mixed and spec is not None:
+        key = (str(root.resolve()), spec, "mixed")
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"{root} is saved with per-layer quantization (from a GGUF): ignoring -q {spec.label}",
+                          stacklevel=2)
     if disagrees:
         key = (str(root.resolve()), spec, saved_spec)
         if key not in _warned:
@@ -185,7 +192,7 @@ def load_saved_component(root: Path, component: str, dtype: mx.Dtype, spec: q.Qu
     source = Source(tensors, label, shapes)
     del tensors
     try:
-        if plan or saved_spec is not None:  # the saved plan decides (an empty plan: kept full precision)
+        if plan or saved_spec is not None or mixed:  # the saved plan decides (an empty plan: kept full precision)
             return build(component, source, dtype, None, plan=plan)
         return build(component, source, dtype, spec)  # a full-precision folder: like any other source
     except KeyError as e:
@@ -225,17 +232,23 @@ def shard_keys(arrays: dict[str, mx.array], max_bytes: int = MAX_SHARD_BYTES) ->
 
 
 def component_file_metadata(component: str, plan: dict[str, dict], precision: str) -> dict[str, str]:
-    spec = q.plan_spec(plan)
+    """A shard's metadata. A mixed plan (layers differing in bits or mode: a GGUF source) says "mixed" in
+    bits/group_size/mode; `layers` is always the exact per-layer plan, which is what loading reads."""
+    mixed = q.is_mixed(plan)
+    spec = None if mixed else q.plan_spec(plan)
     from .. import __version__
+
+    def field(value) -> str:
+        return "mixed" if mixed else str(value) if spec else "none"
 
     return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "component": component,
         "precision": precision,
-        "bits": str(spec.bits) if spec else "none",
-        "group_size": str(spec.group_size) if spec else "none",
-        "mode": spec.mode if spec else "none",
+        "bits": field(spec and spec.bits),
+        "group_size": field(spec and spec.group_size),
+        "mode": field(spec and spec.mode),
         "layers": json.dumps(plan, sort_keys=True, separators=(",", ":")),
         "flux_1_version": __version__,
     }
@@ -555,8 +568,24 @@ def write_atomically(out: Path, overwrite: bool, fill: Callable[[Path], None],
     return out
 
 
+def mixed_quantization(plans: dict[str, dict[str, dict]], gguf_types: dict | None = None) -> dict | None:
+    """The manifest's `quantization` for per-layer plans that differ in bits or mode (a GGUF source):
+    {"mode": "mixed", "bits": null, "group_size": null, "layers": {component: {setting: count}}, ...}.
+    None when the plans are empty."""
+    plans = {c: p for c, p in plans.items() if p}
+    if not plans:
+        return None
+    out = {"mode": "mixed", "bits": None, "group_size": None,
+           "layers": {c: q.plan_summary(p) for c, p in plans.items()}}
+    if gguf_types:
+        out["gguf_types"] = gguf_types
+    return out
+
+
 def write_manifest(folder: Path, alias: str, source: str, precision: str, spec: q.QuantSpec | None,
-                   lora_paths: list[str], scales: list[float], components: dict) -> None:
+                   lora_paths: list[str], scales: list[float], components: dict,
+                   quantization: dict | None = None) -> None:
+    """`quantization` (a `mixed_quantization` dict) replaces `spec` for per-layer plans."""
     from .. import __version__
 
     manifest = {
@@ -567,7 +596,7 @@ def write_manifest(folder: Path, alias: str, source: str, precision: str, spec: 
         "flux_1_version": __version__,
         "mlx_version": mx.__version__,
         "precision": precision,
-        "quantization": spec.as_dict() if spec else None,
+        "quantization": quantization if quantization is not None else spec.as_dict() if spec else None,
         "loras": [{"path": str(Path(p).resolve()), "name": Path(p).name, "scale": s}
                   for p, s in zip(lora_paths, scales, strict=True)],
         "components": components,

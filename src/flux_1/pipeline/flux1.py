@@ -366,11 +366,15 @@ class GeneratedImage:
 # -- reading the architecture without loading ---------------------------------------------------------
 
 
-def component_shapes(root: Path, component: str) -> dict[str, tuple[int, ...]]:
-    """Our-named (logical, unpacked) weight shapes of one component, from safetensors headers only."""
+def component_shapes(root: Path, component: str, gguf_files: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Our-named (logical, unpacked) weight shapes of one component, from safetensors (or GGUF) headers only."""
     from ..loading import folder, saved
     from ..loading.weights import shapes_of
 
+    if gguf_files and component in gguf_files:
+        from ..loading.gguf import gguf_shapes
+
+        return gguf_shapes(gguf_files[component], component)
     root = Path(root)
     if saved.is_saved_folder(root):
         files, meta = saved.component_metadata(root, component)
@@ -442,7 +446,10 @@ class Flux1:
     def __init__(self, root: Path, variant: Variant, precision: str | None = None,
                  quantize: int | str | None = None, low_memory: bool = True,
                  lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
-                 lora_merge: bool = True, progress: bool = True):
+                 lora_merge: bool = True, progress: bool = True,
+                 transformer_gguf: str | Path | None = None, t5_gguf: str | Path | None = None):
+        from ..loading.gguf import resolve_files
+
         precision = precision or default_precision()
         self.dtype = precision_dtype(precision)
         self.root, self.variant, self.precision = Path(root), variant, precision
@@ -451,6 +458,8 @@ class Flux1:
         self.progress = progress
         self.timings: dict[str, float] = {}
         self.quant_spec = q.parse(quantize)
+        # {component: GGUF file}: given, or found in the folder where the component's own weights are absent
+        self.gguf_files = resolve_files(self.root, transformer_gguf, t5_gguf)
         lora_scales = lora_strengths(lora_paths or [], lora_scales) if lora_paths else None
         self._prompt_cache: dict[str, tuple[mx.array, mx.array]] = {}
         # Encoded input images of the last request, so several seeds encode each input once.
@@ -460,7 +469,7 @@ class Flux1:
         self._transformer = None
         self.t5 = self.clip = None
         # Read off the headers now: guidance and LoRA checks must not load the transformer early.
-        self.transformer_params = FluxParams.from_shapes(component_shapes(self.root, "transformer"))
+        self.transformer_params = FluxParams.from_shapes(component_shapes(self.root, "transformer", self.gguf_files))
         if self.transformer_params.guidance_embed != variant.guidance_distilled:
             holds = ("a guidance-distilled (dev-like)" if self.transformer_params.guidance_embed
                      else "a schnell-like (no guidance embedder)")
@@ -505,10 +514,22 @@ class Flux1:
     def from_alias(cls, alias: str, path: str | Path | None = None, quantize: int | str | None = None,
                    lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
                    precision: str | None = None, low_memory: bool = True, lora_merge: bool = True,
-                   progress: bool = True) -> Flux1:
+                   progress: bool = True, transformer_gguf: str | Path | None = None,
+                   t5_gguf: str | Path | None = None) -> Flux1:
+        """`path`: a model folder, or a transformer `.gguf` file (the other components then come from the
+        Hub); `transformer_gguf` / `t5_gguf`: GGUF files used instead of the folder's transformer / T5."""
+        from ..loading.gguf import is_gguf
+
         facts = variant(alias)
         if lora_paths:
             lora_strengths(lora_paths, lora_scales)  # before any download
+        if path is not None and is_gguf(path) and not Path(path).is_dir():
+            if transformer_gguf is not None:
+                raise ValueError(f"two transformer GGUFs: path={path} and transformer_gguf={transformer_gguf}")
+            transformer_gguf, path = path, None
+            from ..loading.gguf import check_architecture, open_reader
+
+            check_architecture(open_reader(transformer_gguf), transformer_gguf, "transformer")  # before downloading
         if path is None:
             from ..loading.hub import download
 
@@ -518,12 +539,14 @@ class Flux1:
             if not root.is_dir():
                 raise FileNotFoundError(f"model path {root} does not exist or is not a folder")
         return cls(root, facts, precision=precision, quantize=quantize, low_memory=low_memory,
-                   lora_paths=lora_paths, lora_scales=lora_scales, lora_merge=lora_merge, progress=progress)
+                   lora_paths=lora_paths, lora_scales=lora_scales, lora_merge=lora_merge, progress=progress,
+                   transformer_gguf=transformer_gguf, t5_gguf=t5_gguf)
 
     def _load(self, component: str):
         if self.progress:
-            print(f"loading {component}", file=sys.stderr, flush=True)
-        return load_component(self.root, component, self.dtype, self.quant_spec)
+            where = f" from {self.gguf_files[component].name}" if component in self.gguf_files else ""
+            print(f"loading {component}{where}", file=sys.stderr, flush=True)
+        return load_component(self.root, component, self.dtype, self.quant_spec, self.gguf_files)
 
     def _baked_loras(self) -> list[dict]:
         """LoRAs merged into a saved folder's weights (its manifest lists them), for the metadata. A folder
@@ -579,6 +602,8 @@ class Flux1:
     def quantization(self) -> dict | None:
         from ..loading import saved
 
+        if self.gguf_files:
+            return self._gguf_quantization()
         if saved.is_saved_folder(self.root):  # the saved quantization wins over -q
             return self._saved_quantization()
         return self.quant_spec.as_dict() if self.quant_spec else self._saved_quantization()
@@ -587,8 +612,24 @@ class Flux1:
         layers = q.describe(self.transformer)
         if not layers:
             return None
+        if q.is_mixed(layers):  # a save of a GGUF model: per-layer settings
+            return {"mode": "mixed", "bits": None, "group_size": None, "layers": q.plan_summary(layers)}
         first = next(iter(layers.values()))
         return {"bits": first["bits"], "group_size": first["group_size"], "mode": first["mode"]}
+
+    def _gguf_quantization(self) -> dict:
+        """The mix a GGUF model runs: per GGUF file its tensor types (counts per type, as ComfyUI-GGUF logs
+        them) and the MLX settings its layers were loaded into (counts per setting), plus -q if given."""
+        from ..loading.gguf import gguf_types
+
+        out = {"mode": "gguf", "bits": None, "group_size": None,
+               "requested": self.quant_spec.as_dict() if self.quant_spec else None, "gguf": {}}
+        for component, path in self.gguf_files.items():
+            entry = {"file": Path(path).name, "types": gguf_types(path, component)}
+            if component == "transformer":
+                entry["mlx"] = q.plan_summary(q.describe(self.transformer))
+            out["gguf"][component] = entry
+        return out
 
     # -- LoRA --------------------------------------------------------------------------------------
 
@@ -606,7 +647,7 @@ class Flux1:
         """
         scales = lora_strengths(paths, scales)
         transformer = self._transformer if self._transformer is not None else skeleton(
-            "transformer", component_shapes(self.root, "transformer"), self.dtype)
+            "transformer", component_shapes(self.root, "transformer", self.gguf_files), self.dtype)
         clip = self.clip if self.clip is not None else skeleton(
             "clip", component_shapes(self.root, "clip"), self.dtype)
         if self.loras is not None:
@@ -637,7 +678,8 @@ class Flux1:
         if transformer is None and not self.loras.merge:
             # Not loaded yet (low_memory): retune against a skeleton (the side path never evaluates
             # its weights); the strengths reach the transformer when it is loaded.
-            transformer = skeleton("transformer", component_shapes(self.root, "transformer"), self.dtype)
+            transformer = skeleton("transformer", component_shapes(self.root, "transformer", self.gguf_files),
+                                   self.dtype)
         elif transformer is None:
             transformer = self.transformer  # merging needs the real weights
         self.loras.set_scales(scales, transformer, self.clip)

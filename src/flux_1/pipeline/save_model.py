@@ -22,6 +22,7 @@ from ..loading.saved import (
     check_output,
     copy_folder,
     is_saved_folder,
+    mixed_quantization,
     read_manifest,
     write_atomically,
     write_component,
@@ -34,7 +35,8 @@ from .variants import variant
 def save_model(out: str | Path, model: str, source: str | Path | None = None, quantize=None,
          precision: str = "bfloat16", lora_paths: list[str] | None = None,
          lora_scales: list[float] | None = None, overwrite: bool = False,
-         max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] | None = None) -> Path:
+         max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] | None = None,
+         transformer_gguf: str | Path | None = None, t5_gguf: str | Path | None = None) -> Path:
     """Write FLUX.1-`model` (any alias of variants.py) from `source` (a local folder; None: the Hub) into `out`,
     quantized with `quantize` (bits or mode; None: full precision), LoRAs merged in first.
 
@@ -42,6 +44,11 @@ def save_model(out: str | Path, model: str, source: str | Path | None = None, qu
     loading (peak memory: the largest quantized component plus a layer). The components LoRAs touch
     (transformer, CLIP) are loaded in full precision, the LoRAs merged into their weights, and only
     then quantized, layer by layer (peak: the full-precision transformer); never into quantized codes.
+
+    GGUF: `source` may be a transformer `.gguf` file (the other components then come from the Hub), or a
+    folder holding one; `transformer_gguf` / `t5_gguf` name GGUF files beside a normal source folder.
+    Their per-layer quantization is written as it is (a mixed plan, reloaded bit-exactly); `quantize`
+    applies to their float layers only. LoRAs cannot be baked into a GGUF's quantized layers.
     """
     log = log or (lambda _msg: None)
     alias = variant(model).alias
@@ -55,6 +62,10 @@ def save_model(out: str | Path, model: str, source: str | Path | None = None, qu
     out = Path(out)
     check_output(out, overwrite, Path(source) if source is not None else None, log=log)
 
+    from ..loading import gguf
+
+    if source is not None and gguf.is_gguf(source) and Path(source).is_file():
+        transformer_gguf, source = source, None
     if source is None:
         from ..loading.hub import download
 
@@ -65,35 +76,51 @@ def save_model(out: str | Path, model: str, source: str | Path | None = None, qu
             raise FileNotFoundError(f"source {root} does not exist or is not a folder")
     check_output(out, overwrite, root)
     require_tokenizers(root)
+    gguf_files = gguf.resolve_files(root, transformer_gguf, t5_gguf)
+    if gguf_files:
+        source_label = ", ".join([source_label, *(str(Path(f).resolve()) for f in gguf_files.values())])
+    if lora_paths and "transformer" in gguf_files:
+        raise SaveError(f"LoRAs cannot be baked into the quantized layers of {gguf_files['transformer']} (a GGUF); "
+                        "save from full-precision weights, or apply the LoRAs when generating")
     if is_saved_folder(root):
         stored = read_manifest(root).get("quantization")
+        if stored and stored.get("mode") == "mixed":
+            raise SaveError(f"{root} is already saved with per-layer quantization (from a GGUF); use it as it is")
         if stored and (lora_paths or spec != q.QuantSpec.from_dict(stored)):
             raise SaveError(f"{root} is already quantized ({q.QuantSpec.from_dict(stored).description}); "
                             "save from the full-precision weights to change the quantization or bake LoRAs")
 
     def fill(tmp: Path) -> None:
         entries = {}
+        plans = {}
         if lora_paths:
             entries = _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales,
-                                        max_shard_bytes, log)
+                                        max_shard_bytes, log, gguf_files)
         else:
             for component in COMPONENTS:
                 quantizing = spec is not None and component != "vae"
                 log(f"{component}: loading{f' and quantizing ({spec.description})' if quantizing else ''}")
-                built = load_component(root, component, dtype, spec)
+                built = load_component(root, component, dtype, spec, gguf_files)
+                plans[component] = q.describe(built)
                 entries[component] = write_component(tmp / COMPONENTS[component].folder, component, built, precision,
                                                      max_shard_bytes)
                 del built
                 mx.clear_cache()
         for sub in TOKENIZERS:
             copy_folder(root / sub, tmp / sub)
-        write_manifest(tmp, alias, source_label, precision, spec, lora_paths, scales, entries)
+        quantization = None
+        if gguf_files:
+            types = {c: gguf.gguf_types(f, c) for c, f in gguf_files.items()}
+            quantization = mixed_quantization(plans, types) if any(plans.values()) else None
+        write_manifest(tmp, alias, source_label, precision, None if quantization else spec, lora_paths, scales,
+                       entries, quantization=quantization)
 
     log(f"writing {out}")
     return write_atomically(out, overwrite, fill, log=log)
 
 
-def _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales, max_shard_bytes, log):
+def _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales, max_shard_bytes, log,
+                      gguf_files=None):
     """Transformer and CLIP: load in full precision, merge the LoRAs into the weights (in float32, one
     rounding to `precision`), then quantize layer by layer and write. T5 and the VAE (which LoRAs do not
     touch) are quantized while loading. One component is in memory at a time."""
@@ -101,7 +128,7 @@ def _write_with_loras(tmp, root, dtype, precision, spec, lora_paths, scales, max
     stack = None
     for component in ("transformer", "t5", "clip", "vae"):
         touched = component in ("transformer", "clip")
-        model = load_component(root, component, dtype, None if touched else spec)
+        model = load_component(root, component, dtype, None if touched else spec, gguf_files)
         if component == "transformer":
             log(f"merging {len(lora_paths)} LoRA(s) into the full-precision weights")
             stack = LoRAStack.load(lora_paths, scales, model, None, merge=True, log=log)
