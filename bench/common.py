@@ -13,8 +13,12 @@ import numpy as np
 GB = 1e9
 
 
-def make_inputs(cfg, steps_total: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Token ids, initial noise and sigmas, identical for ours and diffusers."""
+def make_inputs(cfg, steps_total: int, seed: int = 0, kontext: bool = False) -> dict[str, np.ndarray]:
+    """Token ids, initial noise and sigmas, identical for ours and diffusers.
+
+    `kontext`: also the reference image's packed latents (random, the output's token count: the
+    sequence doubles) and pixels at the output size for the reference's VAE encode, both random
+    (values do not change the cost). Drawn after the others, so those stay the same."""
     from flux_1.pipeline import sampler  # numpy-only helpers (schedule)
 
     rng = np.random.default_rng(seed)
@@ -22,8 +26,12 @@ def make_inputs(cfg, steps_total: int, seed: int = 0) -> dict[str, np.ndarray]:
     clip_ids[0, -1] = cfg.clip.vocab_size - 1  # an EOS-like largest id (CLIP pools at argmax)
     t5_ids = rng.integers(2, cfg.t5.vocab_size, size=(1, cfg.txt_tokens)).astype(np.int32)
     noise = rng.standard_normal((1, cfg.img_tokens, cfg.transformer.in_channels)).astype(np.float32)
-    sigmas = sampler.schedule(steps_total, cfg.img_tokens, shift=True)
-    return {"clip_ids": clip_ids, "t5_ids": t5_ids, "noise": noise, "sigmas": sigmas}
+    sigmas = sampler.schedule(steps_total, cfg.img_tokens, shift=True)  # Kontext too: mu from the output's tokens
+    out = {"clip_ids": clip_ids, "t5_ids": t5_ids, "noise": noise, "sigmas": sigmas}
+    if kontext:
+        out["reference"] = rng.standard_normal((1, cfg.img_tokens, cfg.transformer.in_channels)).astype(np.float32)
+        out["reference_pixels"] = rng.uniform(-1.0, 1.0, (1, cfg.height, cfg.width, 3)).astype(np.float32)
+    return out
 
 
 def median(xs: list[float]) -> float | None:

@@ -5,6 +5,12 @@ is its own: `mx.reset_peak_memory()` before, `mx.get_peak_memory()` after (plus 
 high-water mark on Linux). Order per precision: for each quantization setting (unquantized first),
 the text encoders (load, encode), then the transformer (load, then per LoRA rank: apply, steps);
 the VAE (load, decode) once per precision: it is never quantized and LoRAs do not touch it.
+
+Modes (per LoRA rank, on the one loaded transformer): txt2img steps on the image tokens; kontext steps
+with a reference image's packed latents appended to them (`Conditioning.model_input`, the pipeline's
+own code: ids from `conditioning.reference_ids`, the reference tokens' outputs dropped), as
+`Flux1.denoise` does for FLUX.1 Kontext. The reference's VAE encode (`Flux1.encode_image`'s math) is
+timed in the VAE stage as `encode`.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 from flux_1 import quantization as q
 from flux_1.components import PRECISIONS
 from flux_1.loading import folder as loader
-from flux_1.pipeline import sampler
+from flux_1.pipeline import conditioning, sampler
 
 from . import lora as bench_lora
 from . import profile
@@ -61,7 +67,7 @@ class Baseline:
     text_s: float = 0.0
     text_linear_s: float = 0.0
     text_out: tuple | None = None
-    step: dict = field(default_factory=dict)  # lora rank -> {s, linear_s, peak, weights}
+    step: dict = field(default_factory=dict)  # (lora rank, mode) -> {s, linear_s, peak, weights}
 
 
 def _free():
@@ -83,8 +89,10 @@ def _merge(row: dict, stage: dict) -> None:
 
 def run(cfg, root, inputs: dict, precisions: list[str], quants: list[str | None], ranks: list[int],
         steps: int, warmup: int, max_stage_s: float | None, sample_rows: int, profile_blocks: bool,
-        log=print, decode_warmup: int | None = None, decode: bool = True) -> tuple[list[dict], list[dict]]:
+        log=print, decode_warmup: int | None = None, decode: bool = True, modes=("txt2img",),
+        encode: bool = False, breakdown: bool = True) -> tuple[list[dict], list[dict]]:
     decode_warmup = warmup if decode_warmup is None else decode_warmup
+    encode = encode and "kontext" in modes
     rows: list[dict] = []
     breakdowns: list[dict] = []
     quants = sorted(quants, key=lambda s: quant_spec(s) is not None)  # the unquantized baseline first
@@ -104,12 +112,14 @@ def run(cfg, root, inputs: dict, precisions: list[str], quants: list[str | None]
             log(f"[ours {precision} {label or 'unquantized'}] transformer")
             for row, bd, latents in _transformer_stage(cfg, root, inputs, dtype, spec, ranks, txt, pooled, base,
                                                        steps, warmup, max_stage_s, sample_rows,
-                                                       profile_blocks, log):
+                                                       profile_blocks, log, modes,
+                                                       breakdown or needs_baseline):
                 _merge(row, text)
                 row.update(precision=precision, quantize=label)
                 rows.append(row)
                 if bd:
-                    breakdowns.append({"precision": precision, "quantize": label, "lora_rank": row["lora_rank"], **bd})
+                    breakdowns.append({"precision": precision, "quantize": label, "lora_rank": row["lora_rank"],
+                                       "mode": row["mode"], **bd})
                 if latents is not None and final_latents is None:
                     final_latents = latents
             del txt, pooled
@@ -118,18 +128,28 @@ def run(cfg, root, inputs: dict, precisions: list[str], quants: list[str | None]
             for row in rows:
                 if row["precision"] == precision:
                     row["load_s"]["total"] = None
-            continue
+            if not encode:
+                continue
         log(f"[ours {precision}] VAE")
-        vae = _vae_stage(cfg, root, dtype, final_latents, decode_warmup)
+        vae = _vae_stage(cfg, root, dtype, final_latents, decode_warmup, decode=decode,
+                         reference_pixels=inputs["reference_pixels"] if encode else None)
         for row in rows:
-            if row["precision"] == precision:
+            if row["precision"] != precision:
+                continue
+            if decode:
                 row["load_s"]["vae"] = vae["load_s"]
                 row["load_s"]["total"] = sum(v for k, v in row["load_s"].items() if k != "total")
                 row["decode_s"] = vae["decode_s"]
                 row["decode_first_s"] = vae["decode_first_s"]
-                row["peak_gb"].update(vae["peak_gb"])
-                row["rss_peak_gb"].update(vae["rss_peak_gb"])
                 row["weights_gb"]["vae"] = vae["weights_gb"]
+                for k in ("load_vae", "decode"):
+                    row["peak_gb"][k] = vae["peak_gb"][k]
+                    row["rss_peak_gb"][k] = vae["rss_peak_gb"][k]
+            if encode and row["mode"] == "kontext":
+                row["encode_s"] = vae["encode_s"]
+                row["encode_first_s"] = vae["encode_first_s"]
+                row["peak_gb"]["encode"] = vae["peak_gb"]["encode"]
+                row["rss_peak_gb"]["encode"] = vae["rss_peak_gb"]["encode"]
     return rows, breakdowns
 
 
@@ -200,8 +220,19 @@ def _max(*xs):
 # Transformer
 
 
+def _mode_inputs(cfg, inputs, mode, dtype, img_ids):
+    """What a mode adds to the latents at every step: nothing (txt2img), or Kontext's reference tokens
+    with their ids, appended to the image sequence exactly as `Flux1.prepare_conditioning` builds them."""
+    if mode == "txt2img":
+        return conditioning.Conditioning()
+    if mode == "kontext":
+        ref = mx.array(inputs["reference"]).astype(dtype)
+        return conditioning.Conditioning(tokens=(ref, conditioning.reference_ids(cfg.height, cfg.width)))
+    raise ValueError(f"unknown mode {mode!r}")
+
+
 def _transformer_stage(cfg, root, inputs, dtype, spec, ranks, txt, pooled, base: Baseline, steps, warmup,
-                       max_stage_s, sample_rows, profile_blocks, log):
+                       max_stage_s, sample_rows, profile_blocks, log, modes=("txt2img",), breakdown=True):
     with Mem() as m_load:
         tr = loader.load_folder_component(root, "transformer", dtype, spec)
     weights = m_load.added
@@ -209,42 +240,60 @@ def _transformer_stage(cfg, root, inputs, dtype, spec, ranks, txt, pooled, base:
     x0 = mx.array(inputs["noise"]).astype(dtype)
     img_ids = sampler.image_ids(cfg.height, cfg.width)
     txt_ids = sampler.text_ids(cfg.txt_tokens)
-    pe = tr.position_embedding(img_ids, txt_ids)
+    n = x0.shape[1]
     guidance = mx.array([3.5], dtype=mx.float32) if tr.params.guidance_embed else None
-    mx.eval(x0, pe)
+    per_mode = {}
+    for mode in modes:  # as Flux1.denoise: the ids and RoPE tables once, the latents joined per step
+        cond = _mode_inputs(cfg, inputs, mode, dtype, img_ids)
+        inp0, ids = cond.model_input(x0, img_ids)
+        pe = tr.position_embedding(ids, txt_ids)
+        mx.eval(inp0, pe)
+        per_mode[mode] = (cond, ids, pe, inp0)
 
-    def step(x, i):
-        t = mx.array([sigmas[i]], dtype=mx.float32)
-        v = tr(x, txt, pooled, t, img_ids, txt_ids, guidance=guidance, pe=pe)
-        return sampler.euler_step(x, v, sigmas[i], sigmas[i + 1])
+    def make_step(cond, ids, pe):
+        def step(x, i):
+            t = mx.array([sigmas[i]], dtype=mx.float32)
+            inp, _ = cond.model_input(x, img_ids)
+            v = tr(inp, txt, pooled, t, ids, txt_ids, guidance=guidance, pe=pe)
+            if cond.tokens is not None:
+                v = v[:, :n]  # the reference tokens' outputs are dropped
+            return sampler.euler_step(x, v, sigmas[i], sigmas[i + 1])
+        return step
 
-    for rank in ranks:
+    for rank, mode in ((r, m) for r in ranks for m in modes):
+        cond, ids, pe, inp0 = per_mode[mode]
+        step = make_step(cond, ids, pe)
+        ref_tokens = cond.tokens[0].shape[1] if cond.tokens is not None else 0
         row = {
-            "impl": "ours", "lora_rank": rank,
+            "impl": "ours", "lora_rank": rank, "mode": mode,
+            "tokens": {"image": n, "reference": ref_tokens, "text": cfg.txt_tokens,
+                       "sequence": n + ref_tokens + cfg.txt_tokens},
             "load_s": {"transformer": m_load.s},
             "peak_gb": {"load_transformer": m_load.peak},
             "rss_peak_gb": {"load_transformer": m_load.rss},
             "weights_gb": {"transformer": weights},
         }
-        info = None
-        if rank:
+        if rank and mode == modes[0]:  # one LoRA per rank, kept over the modes
             with Clock() as c:
                 info = bench_lora.apply(tr, rank)
-            row.update(lora_impl=info["lora_impl"], lora_layers=info["lora_layers"], lora_apply_s=c.s)
-        calls, build = profile.record_calls(lambda: step(x0, 0))
+            lora_row = dict(lora_impl=info["lora_impl"], lora_layers=info["lora_layers"], lora_apply_s=c.s)
+        if rank:
+            row.update(lora_row)
+        calls, build = profile.record_calls(lambda step=step: step(x0, 0))
         flops = calls.linear_flops() + calls.attention_flops()
         row["flops_per_step"] = flops
         bd = {}
         latents = None
         projected = False
-        if spec is not None and max_stage_s is not None and rank in base.step:
-            b = base.step[rank]
+        if spec is not None and max_stage_s is not None and (rank, mode) in base.step:
+            b = base.step[(rank, mode)]
             probe = profile.probe_linears(calls, dtype, sample_rows)
             predicted = b["s"] - b["linear_s"] + probe.seconds
             if predicted > max_stage_s:
                 projected = True
                 # The alternative CPU path (dequantize, then the dense GEMM), once per quantization.
-                dq = profile.probe_linears(calls, dtype, fn=profile.dequantized_matmul) if rank == ranks[0] else None
+                dq = (profile.probe_linears(calls, dtype, fn=profile.dequantized_matmul)
+                      if rank == ranks[0] and mode == modes[0] else None)
                 dq_step = b["s"] - b["linear_s"] + dq.seconds if dq else None
                 log(f"  rank {rank}: step projected {predicted:.1f} s > {max_stage_s:.0f} s "
                     f"(quantized linears {probe.seconds:.1f} s vs unquantized {b['linear_s']:.1f} s"
@@ -276,20 +325,21 @@ def _transformer_stage(cfg, root, inputs, dtype, spec, ranks, txt, pooled, base:
                        warmup_times_s=times[:warmup], step_method="measured")
             row["peak_gb"]["step"] = m.peak
             row["rss_peak_gb"]["step"] = m.rss
-            log(f"  rank {rank}: step {row['step_s']:.3f} s (median of {steps}; warm-up "
-                f"{', '.join(f'{t:.2f}' for t in times[:warmup])} s)")
-            if spec is None or profile_blocks:
+            log(f"  rank {rank}, {mode} ({row['tokens']['sequence']} tokens): step {row['step_s']:.3f} s "
+                f"(median of {steps}; warm-up {', '.join(f'{t:.2f}' for t in times[:warmup])} s), "
+                f"peak {m.peak:.2f} GB")
+            if (spec is None and breakdown) or profile_blocks:
                 bd = _breakdown(calls, build, row["step_s"], dtype, sample_rows)
                 if spec is None:
-                    base.step[rank] = {"s": row["step_s"], "linear_s": bd["linear_s"], "peak": m.peak,
-                                       "weights": weights}
+                    base.step[(rank, mode)] = {"s": row["step_s"], "linear_s": bd["linear_s"], "peak": m.peak,
+                                               "weights": weights}
                 if rank:
                     bd["lora_paired"] = profile.probe_lora_overhead(calls, dtype)
                 if profile_blocks and rank == 0:
-                    bd["blocks_s"] = _per_block(tr, x0, txt, pooled, sigmas, img_ids, txt_ids, guidance, pe)
+                    bd["blocks_s"] = _per_block(tr, inp0, txt, pooled, sigmas, ids, txt_ids, guidance, pe)
         row["step_tflops"] = flops / row["step_s"] / 1e12 if row["step_s"] else None
         yield row, bd, latents
-        if info is not None:
+        if rank and mode == modes[-1]:
             bench_lora.remove(tr, info)
     tr = None  # noqa: F841
     _free()
@@ -366,9 +416,30 @@ def _per_block(tr, x0, txt, pooled, sigmas, img_ids, txt_ids, guidance, pe) -> d
 # VAE
 
 
-def _vae_stage(cfg, root, dtype, latents, warmup) -> dict:
+def _vae_stage(cfg, root, dtype, latents, warmup, decode: bool = True, reference_pixels=None) -> dict:
+    """Load, then decode the latents to pixels (`decode`), and encode the Kontext reference's pixels to
+    packed latents (`reference_pixels` given: Flux1.encode_image's math), each after `warmup` untimed runs."""
     with Mem() as m_load:
         vae = loader.load_folder_component(root, "vae", dtype)
+    result = {"load_s": m_load.s, "peak_gb": {"load_vae": m_load.peak}, "rss_peak_gb": {"load_vae": m_load.rss},
+              "weights_gb": m_load.added}
+    if reference_pixels is not None:
+        pixels = mx.array(reference_pixels).astype(dtype)
+        times = []
+        with Mem() as m:
+            for _ in range(1 + warmup):
+                with Clock() as c:
+                    mx.eval(sampler.pack(vae.encode_latents(pixels)))
+                times.append(c.s)
+        result.update(encode_s=times[-1], encode_first_s=times[0])
+        result["peak_gb"]["encode"] = m.peak
+        result["rss_peak_gb"]["encode"] = m.rss
+        del pixels
+        _free()
+    if not decode:
+        vae = None  # noqa: F841
+        _free()
+        return result
     if latents is None:  # every step was projected: decode the initial noise instead (same cost)
         rng = np.random.default_rng(0)
         latents = mx.array(rng.standard_normal((1, cfg.img_tokens, cfg.transformer.in_channels), np.float32))
@@ -387,14 +458,9 @@ def _vae_stage(cfg, root, dtype, latents, warmup) -> dict:
                 mx.eval(img)
                 np.array(img)
             times.append(c.s)
-    result = {
-        "load_s": m_load.s,
-        "decode_s": times[-1],
-        "decode_first_s": times[0],
-        "peak_gb": {"load_vae": m_load.peak, "decode": m.peak},
-        "rss_peak_gb": {"load_vae": m_load.rss, "decode": m.rss},
-        "weights_gb": m_load.added,
-    }
+    result.update(decode_s=times[-1], decode_first_s=times[0])
+    result["peak_gb"]["decode"] = m.peak
+    result["rss_peak_gb"]["decode"] = m.rss
     vae = None  # noqa: F841
     _free()
     return result

@@ -6,6 +6,12 @@ T5EncoderModel and CLIPTextModel), feeds the same token ids, noise and sigmas, a
 stages: load, text encoding, transformer steps (eager, SDPA attention, as FluxPipeline runs them),
 VAE decode. torch's thread count is set to the spec's (the machine's cores unless told).
 
+Modes (spec "modes"): txt2img, and kontext as FluxKontextPipeline runs its transformer: the reference
+image's packed latents concatenated to the latents along the sequence, `img_ids` the image's ids then
+the reference's (first axis 1), the output cut back to the image tokens; and, with spec "encode", the
+reference's VAE encode as FluxKontextPipeline._encode_vae_image (posterior mode, shift, scale) plus
+the packing, timed as `encode`.
+
 Peak memory: on CUDA torch.cuda.max_memory_allocated (reset per stage); on CPU the process RSS
 high-water mark (reset per stage through /proc/self/clear_refs).
 """
@@ -58,9 +64,8 @@ def run(spec: dict) -> dict:
     for precision in spec["precisions"]:
         dtype = getattr(torch, TORCH_DTYPES[precision])
         for rank in spec["ranks"]:
-            row = _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages=rank == spec["ranks"][0])
-            if row is not None:
-                rows.append(row)
+            rows += _one(spec, root, inputs, device, dtype, precision, rank,
+                         with_other_stages=rank == spec["ranks"][0])
     return {"env": env, "rows": rows}
 
 
@@ -98,7 +103,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) -> dict | None:
+def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) -> list[dict]:
+    """One row per mode (the text and VAE stages, run once, shared by them); none without peft for a LoRA."""
     import diffusers
     import torch
     import transformers
@@ -156,7 +162,7 @@ def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) 
                            lora_apply_s=time.perf_counter() - t0)
             except ImportError:
                 tr = None  # noqa: F841
-                return None  # no peft: no LoRA row on this side
+                return []  # no peft: no LoRA row on this side
         sigmas = [float(s) for s in inputs["sigmas"]]
         x0 = torch.from_numpy(inputs["noise"]).to(device=device, dtype=dtype)
         rows_, cols = spec["latent_grid"]
@@ -168,36 +174,85 @@ def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) 
         guidance = torch.full([1], 3.5, device=device, dtype=torch.float32) if spec["guidance"] else None
         txt = txt.to(dtype)
         pooled = pooled.to(dtype)
+        n = x0.shape[1]
 
-        def step(x, i):
-            t = torch.full([1], sigmas[i], device=device, dtype=dtype)
-            v = tr(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
-                   img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
-            x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(dtype)
-            _sync(device)
-            return x
+        def make_step(ref, ids):
+            def step(x, i):
+                t = torch.full([1], sigmas[i], device=device, dtype=dtype)
+                inp = x if ref is None else torch.cat([x, ref], dim=1)  # FluxKontextPipeline: latents | image
+                v = tr(hidden_states=inp, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                       img_ids=ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+                v = v[:, :n]  # Kontext: the reference tokens' outputs are dropped
+                x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(dtype)
+                _sync(device)
+                return x
+            return step
 
-        times, cpu, others = [], [], []
-        with Stage(device) as s_step:
-            x = x0
-            for i in range(warmup + steps):
-                with Clock() as c:
-                    x = step(x, i)
-                times.append(c.s)
-                cpu.append(c.cpu)
-                others.append(c.others)
-        row.update(step_s=median(times[warmup:]), step_times_s=times[warmup:], step_cpu_s=cpu[warmup:],
-                   step_others_cpu_s=others[warmup:], warmup_times_s=times[:warmup], step_method="measured")
-        row["peak_gb"]["step"] = s_step.peak
+        rows = []
+        for mode in spec.get("modes", ["txt2img"]):
+            ref, ids = None, img_ids
+            if mode == "kontext":
+                ref = torch.from_numpy(inputs["reference"]).to(device=device, dtype=dtype)
+                ref_ids = img_ids.clone()
+                ref_ids[..., 0] = 1  # FluxKontextPipeline.prepare_latents: image_ids[..., 0] = 1
+                ids = torch.cat([img_ids, ref_ids], dim=0)
+            step = make_step(ref, ids)
+            m = n + (0 if ref is None else ref.shape[1])
+            mrow = {**row, "mode": mode, "load_s": dict(row["load_s"]), "peak_gb": dict(row["peak_gb"]),
+                    "tokens": {"image": n, "reference": m - n, "text": txt.shape[1], "sequence": m + txt.shape[1]}}
+            times, cpu, others = [], [], []
+            gc.collect()
+            with Stage(device) as s_step:
+                x = x0
+                for i in range(warmup + steps):
+                    with Clock() as c:
+                        x = step(x, i)
+                    times.append(c.s)
+                    cpu.append(c.cpu)
+                    others.append(c.others)
+            mrow.update(step_s=median(times[warmup:]), step_times_s=times[warmup:], step_cpu_s=cpu[warmup:],
+                        step_others_cpu_s=others[warmup:], warmup_times_s=times[:warmup], step_method="measured")
+            mrow["peak_gb"]["step"] = s_step.peak
+            rows.append(mrow)
+            if mode == "txt2img" or len(rows) == 1:
+                latents = x
+            del ref
+        x = latents
         tr = None  # noqa: F841
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
         # VAE.
-        if with_other_stages and spec.get("decode", True):
+        encode = with_other_stages and spec.get("encode") and "kontext" in spec.get("modes", [])
+        decode = with_other_stages and spec.get("decode", True)
+        if encode or decode:
             with Stage(device) as s_vload:
                 vae = diffusers.AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device)
+        if encode:
+            pixels = torch.from_numpy(inputs["reference_pixels"]).permute(0, 3, 1, 2).to(device=device, dtype=dtype)
+
+            def encode_reference():
+                z = vae.encode(pixels).latent_dist.mode()  # _encode_vae_image: retrieve_latents(argmax)
+                z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+                b, c, hh, ww = z.shape  # FluxKontextPipeline._pack_latents
+                z = z.view(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
+                _sync(device)
+                return z
+
+            times = []
+            with Stage(device) as s_enc:
+                for _ in range(1 + spec.get("decode_warmup", spec["warmup"])):
+                    t0 = time.perf_counter()
+                    encode_reference()
+                    times.append(time.perf_counter() - t0)
+            for r in rows:
+                if r["mode"] == "kontext":
+                    r.update(encode_s=times[-1], encode_first_s=times[0])
+                    r["peak_gb"]["encode"] = s_enc.peak
+            del pixels
+            gc.collect()
+        if decode:
             row["load_s"]["vae"] = s_vload.s
             row["peak_gb"]["load_vae"] = s_vload.peak
             h, w = spec["height"], spec["width"]
@@ -217,12 +272,18 @@ def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) 
                     times.append(time.perf_counter() - t0)
             row.update(decode_s=times[-1], decode_first_s=times[0])
             row["peak_gb"]["decode"] = s_dec.peak
-            del vae
             row["load_s"]["total"] = sum(row["load_s"].values())
         elif with_other_stages:
             row["load_s"]["total"] = None
-    row["rss_peak_gb"] = None if device.type == "cuda" else dict(row["peak_gb"])
-    return row
+        if encode or decode:
+            del vae
+    out = []
+    for r in rows:  # the shared stages (text, VAE) from `row`, the mode's own (step, encode) kept
+        merged = {**row, **{k: v for k, v in r.items() if k not in ("load_s", "peak_gb")},
+                  "load_s": {**r["load_s"], **row["load_s"]}, "peak_gb": {**row["peak_gb"], **r["peak_gb"]}}
+        merged["rss_peak_gb"] = None if device.type == "cuda" else dict(merged["peak_gb"])
+        out.append(merged)
+    return out
 
 
 if __name__ == "__main__":

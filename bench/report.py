@@ -2,6 +2,8 @@
 
 `python -m bench.report a.json [b.json ...]` merges runs of the same configuration (e.g. ours and
 diffusers measured in separate commands) and prints the tables; ratios are recomputed across files.
+A setting measured in several files keeps the first file's row, or with `--clean` the row whose timed
+steps had the least CPU taken by other processes (a re-run made because a test suite ran meanwhile).
 """
 
 from __future__ import annotations
@@ -11,24 +13,33 @@ import sys
 from pathlib import Path
 
 STAGES = ("load_text", "text", "load_transformer", "step", "load_vae", "decode")
+MODE_NAMES = {"txt2img": "text to image", "kontext": "Kontext"}
+
+
+def _mode(row) -> str:
+    """A row's mode; results written before modes existed are text to image."""
+    return row.get("mode") or "txt2img"
 
 
 def _key(row):
-    return (row["precision"], row.get("quantize"), row["lora_rank"])
+    return (row["precision"], row.get("quantize"), row["lora_rank"], _mode(row))
 
 
 def add_ratios(result: dict) -> None:
     """ours / diffusers (same precision; same LoRA rank when diffusers has one), ours / unquantized,
-    LoRA / no LoRA. A projected step gives a projected ratio."""
+    LoRA / no LoRA, each within one mode; and for a Kontext row (either side) Kontext / text to image,
+    step time and step peak. A projected step gives a projected ratio."""
     rows = result["rows"]
-    ref = {(r["precision"], r["lora_rank"]): r for r in rows if r["impl"] == "diffusers"}
+    ref = {(r["precision"], r["lora_rank"], _mode(r)): r for r in rows if r["impl"] == "diffusers"}
     ours = {_key(r): r for r in rows if r["impl"] == "ours"}
     for r in rows:
         if r["impl"] != "ours":
+            if _mode(r) != "txt2img":
+                r["ratios"] = _vs_txt2img(r, ref.get((r["precision"], r["lora_rank"], "txt2img")))
             continue
         ratios = {}
-        same = ref.get((r["precision"], r["lora_rank"]))
-        plain = ref.get((r["precision"], 0))
+        same = ref.get((r["precision"], r["lora_rank"], _mode(r)))
+        plain = ref.get((r["precision"], 0, _mode(r)))
         target = same or plain
         if target and r.get("step_s") and target.get("step_s"):
             ratios["step_vs_diffusers"] = r["step_s"] / target["step_s"]
@@ -43,19 +54,39 @@ def add_ratios(result: dict) -> None:
                 ratios["load_transformer_vs_diffusers"] = ol["transformer"] / rl["transformer"]
             if ol.get("total") and rl.get("total"):
                 ratios["load_total_vs_diffusers"] = ol["total"] / rl["total"]
-        unq = ours.get((r["precision"], None, r["lora_rank"]))
+            if r.get("encode_s") and plain.get("encode_s"):
+                ratios["encode_vs_diffusers"] = r["encode_s"] / plain["encode_s"]
+            op, rp = (r.get("peak_gb") or {}).get("step"), (plain.get("peak_gb") or {}).get("step")
+            if op and rp and not r.get("quantize") and not r["lora_rank"]:
+                ratios["peak_step_vs_diffusers"] = op / rp
+        unq = ours.get((r["precision"], None, r["lora_rank"], _mode(r)))
         if r.get("quantize") and unq and unq.get("step_s"):
             ratios["step_vs_unquantized"] = r["step_s"] / unq["step_s"]
-        nolora = ours.get((r["precision"], r.get("quantize"), 0))
+        nolora = ours.get((r["precision"], r.get("quantize"), 0, _mode(r)))
         if r["lora_rank"] and nolora and nolora.get("step_s"):
             ratios["step_vs_no_lora"] = r["step_s"] / nolora["step_s"]
+        if _mode(r) != "txt2img":
+            ratios.update(_vs_txt2img(r, ours.get((r["precision"], r.get("quantize"), r["lora_rank"], "txt2img"))))
         r["ratios"] = ratios
         # FLOPs are those of the unquantized math whatever the weight format: take the largest count
-        # recorded for this LoRA rank (a run's recorder may not see every layer class).
-        flops = max((o.get("flops_per_step") or 0 for o in ours.values() if o["lora_rank"] == r["lora_rank"]),
-                    default=0)
+        # recorded for this LoRA rank and mode (a run's recorder may not see every layer class).
+        flops = max((o.get("flops_per_step") or 0 for o in ours.values()
+                     if o["lora_rank"] == r["lora_rank"] and _mode(o) == _mode(r)), default=0)
         if flops and r.get("step_s"):
             r["step_tflops"] = flops / r["step_s"] / 1e12
+
+
+def _vs_txt2img(r: dict, t2i: dict | None) -> dict:
+    """Kontext / text to image for the same implementation and setting: step time, step peak memory."""
+    out = {}
+    if t2i is None:
+        return out
+    if r.get("step_s") and t2i.get("step_s"):
+        out["step_vs_txt2img"] = r["step_s"] / t2i["step_s"]
+    a, b = (r.get("peak_gb") or {}).get("step"), (t2i.get("peak_gb") or {}).get("step")
+    if a and b:
+        out["peak_step_vs_txt2img"] = a / b
+    return out
 
 
 def _f(x, digits=2, unit=""):
@@ -90,7 +121,8 @@ def _setting(r) -> str:
                               "fp16" if r["precision"] == "float16" else "fp32")
     if r.get("quantize"):
         q = f"{q} ({'bf16' if r['precision'] == 'bfloat16' else r['precision']} act.)"
-    return q + (f" + LoRA r{r['lora_rank']}" if r["lora_rank"] else "")
+    q += f" + LoRA r{r['lora_rank']}" if r["lora_rank"] else ""
+    return q + (f", {MODE_NAMES.get(_mode(r), _mode(r))}" if _mode(r) != "txt2img" else "")
 
 
 def markdown(result: dict) -> str:
@@ -99,7 +131,9 @@ def markdown(result: dict) -> str:
     renv = result.get("reference_env", {})
     lines = [f"### `{cfg['name']}`: {cfg['height']}x{cfg['width']}, {cfg['img_tokens']} image + "
              f"{cfg['txt_tokens']} T5 tokens, {cfg['transformer']['depth']} double + "
-             f"{cfg['transformer']['depth_single']} single blocks", ""]
+             f"{cfg['transformer']['depth_single']} single blocks"
+             + (f"; Kontext: + {cfg['img_tokens']} reference tokens"
+                if any(_mode(r) == "kontext" for r in result["rows"]) else ""), ""]
     for command in result.get("commands") or [result["command"]]:
         lines.append(f"- command: `{command}`")
     lines.append(f"- device: {env.get('mlx_device')} ({env.get('device')}, {env.get('cpu')}, "
@@ -185,7 +219,8 @@ def markdown(result: dict) -> str:
                      "tanh-GELU | rest (norms, modulation, copies) | linear GFLOP/s | GEMM GFLOP/s | step GFLOP/s |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for b in bds:
-            name = _setting({"precision": b["precision"], "quantize": b.get("quantize"), "lora_rank": b["lora_rank"]})
+            name = _setting({"precision": b["precision"], "quantize": b.get("quantize"), "lora_rank": b["lora_rank"],
+                             "mode": b.get("mode")})
             if b["kind"] == "measured step":
                 st = b["step_s"]
 
@@ -216,9 +251,10 @@ def markdown(result: dict) -> str:
             if b.get("blocks_s"):
                 blocks = ", ".join(f"{k} {v:.3f}" for k, v in b["blocks_s"].items())
                 name = _setting({"precision": b["precision"], "quantize": b.get("quantize"),
-                                 "lora_rank": b["lora_rank"]})
+                                 "lora_rank": b["lora_rank"], "mode": b.get("mode")})
                 lines.append(f"Per block, s ({name}): {blocks}")
                 lines.append("")
+    lines += kontext_table(result)
     an = result.get("analytic", {})
     if an.get("full_1024"):
         f = an["full_1024"]
@@ -227,9 +263,46 @@ def markdown(result: dict) -> str:
                      f"{rec['total'] / 1e12:.2f} TFLOP counted from the code's {f['linear_calls']} linear and "
                      f"{f['attention_calls']} attention calls (linears {rec['linear'] / 1e12:.2f}, attention "
                      f"{rec['attention'] / 1e12:.2f}); closed form {cf['total'] / 1e12:.2f}. This config: "
-                     f"{an['this_config']['total'] / 1e12:.3f} TFLOP per step.")
+                     f"{an['this_config']['total'] / 1e12:.3f} TFLOP per step"
+                     + (f" ({an['this_config_kontext']['total'] / 1e12:.3f} with Kontext's reference tokens)"
+                        if an.get("this_config_kontext") else "") + ".")
         lines.append("")
     return "\n".join(lines)
+
+
+def kontext_table(result: dict) -> list[str]:
+    """Kontext beside text to image, per implementation and setting: sequence, step time and step peak,
+    with Kontext / text to image on each side and ours / diffusers in each mode. Empty without Kontext rows."""
+    rows = result["rows"]
+    if not any(_mode(r) == "kontext" for r in rows):
+        return []
+    by = {(r["impl"], *_key(r)): r for r in rows}
+    lines = ["Kontext beside text to image (the same step with the reference image's tokens appended: "
+             "sequence = image x 2 + text); peak = the step stage's peak memory, GB:", "",
+             "| impl | setting | tokens txt2img / Kontext | step s txt2img | step s Kontext | Kontext / txt2img | "
+             "peak txt2img | peak Kontext | Kontext / txt2img | step ours / diffusers: txt2img / Kontext | "
+             "reference encode s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if _mode(r) != "kontext":
+            continue
+        t = by.get((r["impl"], r["precision"], r.get("quantize"), r["lora_rank"], "txt2img")) or {}
+        ra, rt = r.get("ratios", {}), t.get("ratios", {})
+        tok = f"{(t.get('tokens') or {}).get('sequence', '–')} / {(r.get('tokens') or {}).get('sequence', '–')}"
+        pk_t, pk_k = (t.get("peak_gb") or {}).get("step"), (r.get("peak_gb") or {}).get("step")
+        if r["impl"] == "ours":
+            vs = f"{_ratio(rt.get('step_vs_diffusers'))} / {_ratio(ra.get('step_vs_diffusers'))}"
+        else:
+            vs = "–"
+        enc = _f(r.get("encode_s"), 3)
+        if ra.get("encode_vs_diffusers"):
+            enc += f" ({_ratio(ra['encode_vs_diffusers'])})"
+        label = _setting({**r, "mode": "txt2img"})
+        lines.append(f"| {r['impl']} | {label} | {tok} | {_f(t.get('step_s'), 3)} | {_f(r.get('step_s'), 3)} | "
+                     f"**{_ratio(ra.get('step_vs_txt2img'))}** | {_f(pk_t, 2)} | {_f(pk_k, 2)} | "
+                     f"**{_ratio(ra.get('peak_step_vs_txt2img'))}** | {vs} | {enc} |")
+    lines.append("")
+    return lines
 
 
 def _quant_order(q: str | None) -> tuple:
@@ -240,18 +313,38 @@ def _quant_order(q: str | None) -> tuple:
     return (1, -int(digits) if digits else 0, q)
 
 
-def merge(results: list[dict]) -> dict:
-    """Several runs of one configuration -> one result (rows concatenated; first run's header)."""
+def contention(row: dict) -> float:
+    """Cores other processes took per wall second over a row's timed steps (inf when unknown)."""
+    wall, others = row.get("step_times_s"), row.get("step_others_cpu_s")
+    if not wall or not others or any(o is None for o in others):
+        return float("inf")
+    return sum(others) / sum(wall)
+
+
+def merge(results: list[dict], clean: bool = False) -> dict:
+    """Several runs of one configuration -> one result (rows concatenated; first run's header).
+
+    A setting in several files: the first file's row, or with `clean` the least contended one."""
     out = dict(results[0])
     seen, rows, kept_from = set(), [], {}
+    chosen, chosen_row = {}, {}  # with `clean`: key -> index of the file whose row is kept
+    if clean:
+        for i, res in enumerate(results):
+            for r in res["rows"]:
+                key = (r["impl"], *_key(r))
+                if key not in chosen or contention(r) < contention(chosen_row[key]):
+                    chosen[key], chosen_row[key] = i, r
     for i, res in enumerate(results):  # a setting measured in several files: the first file's row is kept
         for r in res["rows"]:
-            key = (r["impl"], r["precision"], r.get("quantize"), r["lora_rank"])
+            key = (r["impl"], *_key(r))
+            if clean and chosen.get(key) != i:
+                continue
             if key not in seen:
                 seen.add(key)
                 rows.append(r)
                 kept_from[key[1:]] = i if r["impl"] == "ours" else kept_from.get(key[1:])
-    rows.sort(key=lambda r: (r["impl"] != "ours", r["precision"], _quant_order(r.get("quantize")), r["lora_rank"]))
+    rows.sort(key=lambda r: (r["impl"] != "ours", r["precision"], _quant_order(r.get("quantize")), r["lora_rank"],
+                             _mode(r) != "txt2img", _mode(r)))
     # The VAE stage does not depend on quantization or LoRA: a run made with --no-decode borrows it
     # from another run of the same implementation and precision.
     vae_keys = ("decode_s", "decode_first_s")
@@ -275,11 +368,12 @@ def merge(results: list[dict]) -> dict:
     seen, bds = set(), []
     for i, res in enumerate(results):  # only the breakdowns of the rows kept, from the same file
         for b in res.get("breakdowns", []):
-            key = (b["precision"], b.get("quantize"), b["lora_rank"], b["kind"])
-            if key not in seen and kept_from.get(key[:3]) == i:
+            key = (b["precision"], b.get("quantize"), b["lora_rank"], _mode(b), b["kind"])
+            if key not in seen and kept_from.get(key[:4]) == i:
                 seen.add(key)
                 bds.append(b)
-    bds.sort(key=lambda b: (b["precision"], b.get("quantize") is not None, str(b.get("quantize")), b["lora_rank"]))
+    bds.sort(key=lambda b: (b["precision"], b.get("quantize") is not None, str(b.get("quantize")), b["lora_rank"],
+                            _mode(b) != "txt2img"))
     out["breakdowns"] = bds
     for res in results:
         if res.get("reference_env"):
@@ -292,9 +386,11 @@ def merge(results: list[dict]) -> dict:
 
 
 def main(argv=None) -> None:
-    paths = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
+    clean = "--clean" in args
+    paths = [a for a in args if a != "--clean"]
     results = [json.loads(Path(p).read_text()) for p in paths]
-    merged = merge(results)
+    merged = merge(results, clean=clean)
     add_ratios(merged)
     print(markdown(merged))
 

@@ -3,17 +3,22 @@
     python -m bench --config tiny                       # seconds; the CI smoke test runs this
     python -m bench --config mid --quantize none 8 4 --lora-rank 0 16 --steps 2
     python -m bench --config full --precision bfloat16 --quantize none 8 4 --lora-rank 0 16   # a GPU
+    python -m bench --config mid --mode txt2img kontext --height 1024 --width 1024   # Kontext beside txt2img
 
 For the named configuration (bench/configs.py) random weights are written to a diffusers-layout
 safetensors folder (reused across runs with --weights-dir), then, per precision x quantization x LoRA
 rank: load time (the real loader), text encoding, per-step time (median after warm-up), VAE decode,
 peak memory per stage. diffusers runs the same folder and inputs in a subprocess (--reference).
+--mode kontext times the same step with a reference image's tokens appended to the image tokens (position
+ids with first axis 1, as FLUX.1 Kontext), so the sequence is image x 2 + text, and the reference's VAE
+encode (`encode`); each mode is a row of its own, beside the others.
 A JSON result (--output-json) and a markdown table (--markdown, and stdout) come out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -33,12 +38,18 @@ from bench import configs, report, weights  # noqa: E402
 from bench.common import cpu_name, loadavg, make_inputs, openblas_preloaded  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+MODES = ("txt2img", "kontext")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", choices=sorted(configs.CONFIGS))
+    p.add_argument("--mode", nargs="+", default=["txt2img"], choices=list(MODES),
+                   help="what a step conditions on: txt2img (the image tokens), kontext (plus a reference "
+                        "image's as many tokens, ids (1, row, col), as FLUX.1 Kontext); each a row")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the config's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the config's)")
     p.add_argument("--precision", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU (bf16 matmul is slow there), bfloat16 on a GPU")
     p.add_argument("--quantize", nargs="+", default=["none"],
@@ -47,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="runtime LoRA ranks on every transformer linear; 0 = no LoRA")
     p.add_argument("--steps", type=int, default=2, help="timed denoising steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (and decodes) first")
-    p.add_argument("--no-decode", action="store_true", help="skip the VAE stage (load and decode)")
+    p.add_argument("--no-decode", action="store_true", help="skip the VAE decode (and the VAE stage, "
+                   "unless --mode kontext encodes)")
+    p.add_argument("--no-encode", action="store_true",
+                   help="--mode kontext: skip the reference image's VAE encode")
     p.add_argument("--decode-warmup", type=int, default=None,
                    help="untimed VAE decodes before the timed one (default: --warmup)")
     p.add_argument("--output-json", type=Path, default=None)
@@ -65,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-rows", type=int, default=32,
                    help="rows on which a projected quantized linear is timed (scaled to the real rows)")
     p.add_argument("--profile", action="store_true", help="also time each transformer block separately")
+    p.add_argument("--no-breakdown", action="store_true",
+                   help="skip the split of a measured step into linears / attention / GELU / rest (each "
+                        "re-timed alone: about one more step's time per row)")
     p.add_argument("--write-weights-only", action="store_true",
                    help="write the random weights to --weights-dir and stop (a separate first command)")
     p.add_argument("--seed", type=int, default=0)
@@ -118,6 +135,7 @@ def run_reference(args, cfg, root: Path, inputs_path: Path, precisions: list[str
         "threads": args.threads, "height": cfg.height, "width": cfg.width,
         "latent_grid": [cfg.height // 16, cfg.width // 16], "guidance": cfg.transformer.guidance_embed,
         "context_dim": cfg.transformer.context_dim, "vec_dim": cfg.transformer.vec_dim,
+        "modes": modes(args), "encode": encodes(args),
     }
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
@@ -135,10 +153,29 @@ def run_reference(args, cfg, root: Path, inputs_path: Path, precisions: list[str
         return out
 
 
+def modes(args) -> list[str]:
+    return [m for m in MODES if m in args.mode]  # txt2img first, each once
+
+
+def encodes(args) -> bool:
+    """Whether the reference image's VAE encode is timed (Kontext's one-off stage)."""
+    return "kontext" in args.mode and not args.no_encode
+
+
+def sized(cfg: configs.BenchConfig, height: int | None, width: int | None) -> configs.BenchConfig:
+    """The config at another image size (the weights do not change: bench/weights.py reuses them)."""
+    if height is None and width is None:
+        return cfg
+    h, w = height or cfg.height, width or cfg.width
+    if h % 16 or w % 16 or h <= 0 or w <= 0:
+        raise SystemExit(f"--height/--width must be positive multiples of 16, got {h}x{w}")
+    return dataclasses.replace(cfg, height=h, width=w)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, file=sys.stderr, flush=True))
-    cfg = configs.get(args.config)
+    cfg = sized(configs.get(args.config), args.height, args.width)
     import mlx.core as mx
 
     gpu = mx.default_device() != mx.cpu
@@ -152,6 +189,7 @@ def main(argv=None) -> dict:
         "command": command,
         "config": cfg.describe(),
         "settings": {"precisions": precisions, "quantize": args.quantize, "lora_ranks": sorted(set(args.lora_rank)),
+                     "modes": modes(args), "encode": encodes(args), "breakdown": not args.no_breakdown,
                      "steps": args.steps, "warmup": args.warmup, "max_stage_seconds": max_stage_s,
                      "sample_rows": args.sample_rows, "weights_dtype": args.weights_dtype,
                      "decode_warmup": args.warmup if args.decode_warmup is None else args.decode_warmup},
@@ -164,6 +202,8 @@ def main(argv=None) -> dict:
 
     result["analytic"] = {
         "this_config": profile.step_flops(cfg.transformer, cfg.img_tokens, cfg.txt_tokens),
+        **({"this_config_kontext": profile.step_flops(cfg.transformer, 2 * cfg.img_tokens, cfg.txt_tokens)}
+           if "kontext" in modes(args) else {}),
         "full_1024": full_model_flops(),
     }
 
@@ -181,7 +221,7 @@ def main(argv=None) -> dict:
             raise SystemExit("--write-weights-only needs --weights-dir")
         log(f"weights in {root}: {written['bytes']} bytes, {result['weights']['write_s']:.0f} s")
         return result
-    inputs = make_inputs(cfg, args.warmup + args.steps, args.seed)
+    inputs = make_inputs(cfg, args.warmup + args.steps, args.seed, kontext="kontext" in modes(args))
     inputs_path = root / "bench-inputs.npz"
     import numpy as np
 
@@ -193,7 +233,8 @@ def main(argv=None) -> dict:
 
             rows, bds = ours.run(cfg, root, inputs, precisions, args.quantize, sorted(set(args.lora_rank)),
                                  args.steps, args.warmup, max_stage_s, args.sample_rows, args.profile, log,
-                                 decode_warmup=args.decode_warmup, decode=not args.no_decode)
+                                 decode_warmup=args.decode_warmup, decode=not args.no_decode,
+                                 modes=modes(args), encode=encodes(args), breakdown=not args.no_breakdown)
             result["rows"] += rows
             result["breakdowns"] += bds
         why_not = reference_available()

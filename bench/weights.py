@@ -169,10 +169,12 @@ def _finish_shards(folder: Path, stem: str, shards: list[dict], total: int) -> N
 
 def write_folder(cfg: configs.BenchConfig, root: Path, dtype: str = "bfloat16", seed: int = 0,
                  log=print) -> dict:
-    """Write all four components under `root` (skipped when `root` already holds this config)."""
+    """Write all four components under `root` (skipped when `root` already holds these models' weights)."""
     root = Path(root)
     marker = root / MARKER
-    want = {"config": cfg.describe(), "dtype": dtype, "seed": seed}
+    # The weights depend on the models' dims, not on the image size or token counts (--height/--width).
+    described = cfg.describe()
+    want = {"models": {k: described[k] for k in ("transformer", "t5", "clip", "vae")}, "dtype": dtype, "seed": seed}
     if marker.exists() and json.loads(marker.read_text()).get("spec") == want:
         info = json.loads(marker.read_text())
         log(f"reusing random weights in {root}")
