@@ -193,7 +193,7 @@ def make_grid(images: list[Image.Image], captions: list[str], header: str,
 
 def save_grid(grid: Image.Image, path: Path, parameters: str, meta: dict) -> Path:
     """Write the grid PNG atomically with its text chunks; never overwrites (returns the name used)."""
-    from ..pipeline.metadata import JSON_KEY, PARAMETERS_KEY, _publish, _temp_file, to_json
+    from ..pipeline.metadata import JSON_KEY, PARAMETERS_KEY, _temp_file, publish, to_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
@@ -202,7 +202,7 @@ def save_grid(grid: Image.Image, path: Path, parameters: str, meta: dict) -> Pat
     tmp = _temp_file(path.parent, path.name)
     try:
         grid.save(tmp, format="PNG", pnginfo=info)
-        return _publish(tmp, path, overwrite=False, sidecar=False)
+        return publish(tmp, path, overwrite=False)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -192,30 +192,6 @@ def _temp_file(folder: Path, name: str) -> Path:
             continue
 
 
-def _publish(tmp: Path, path: Path, overwrite: bool, sidecar: bool) -> Path:
-    """Move the finished temp file to `path`, or to the first free `path_N` unless `overwrite`."""
-    if overwrite:
-        os.replace(tmp, path)
-        return path
-    n = 0
-    while True:
-        candidate = numbered(path, n)
-        n += 1
-        if sidecar and sidecar_path(candidate).exists():
-            continue
-        try:
-            os.link(tmp, candidate)  # fails if the name exists, even if another process just took it
-        except FileExistsError:
-            continue
-        except OSError:  # no hard links (e.g. exFAT): check, then rename
-            if candidate.exists():
-                continue
-            os.replace(tmp, candidate)
-            return candidate
-        os.unlink(tmp)
-        return candidate
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = _temp_file(path.parent, path.name)
     try:
@@ -239,21 +215,25 @@ def _claim(tmp: Path, target: Path) -> bool:
         return True
 
 
-def _publish_pair(png_tmp: Path, json_tmp: Path, path: Path, overwrite: bool) -> Path:
-    """Publish a finished PNG and its finished JSON sidecar under one free name (`path`, `path_1`, ...):
-    both names are claimed or neither (a claimed PNG whose sidecar cannot be published is removed)."""
+def publish(png_tmp: Path, path: Path, overwrite: bool, json_tmp: Path | None = None) -> Path:
+    """Publish a finished PNG (and its finished JSON sidecar) under `path`, or the first free `path_N`
+    unless `overwrite`: with a sidecar, both names are claimed or neither (a claimed PNG whose sidecar
+    cannot be published is removed). The temp files are left for the caller to remove."""
     if overwrite:
-        os.replace(json_tmp, sidecar_path(path))
+        if json_tmp is not None:
+            os.replace(json_tmp, sidecar_path(path))
         os.replace(png_tmp, path)
         return path
     n = 0
     while True:
         candidate = numbered(path, n)
         n += 1
-        if candidate.exists() or sidecar_path(candidate).exists():
+        if json_tmp is not None and sidecar_path(candidate).exists():
             continue
         if not _claim(png_tmp, candidate):
             continue
+        if json_tmp is None:
+            return candidate
         try:
             claimed = _claim(json_tmp, sidecar_path(candidate))
         except BaseException:
@@ -281,10 +261,10 @@ def save_png(image: GeneratedImage, path: str | Path, overwrite: bool = False, s
     try:
         image.image.save(temps[0], format="PNG", pnginfo=info)
         if not sidecar:
-            return _publish(temps[0], path, overwrite, sidecar=False)
+            return publish(temps[0], path, overwrite)
         temps.append(_temp_file(path.parent, sidecar_path(path).name))
         temps[1].write_bytes(sidecar_text)
-        return _publish_pair(temps[0], temps[1], path, overwrite)
+        return publish(temps[0], path, overwrite, json_tmp=temps[1])
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
