@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -113,3 +115,80 @@ class Clock:
         busy = system_busy_s()
         self.others = max(0.0, busy - self.busy0 - self.cpu) if busy is not None and self.busy0 is not None else None
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Which BLAS each side really uses. Nothing here imports flux_1 (the reference process must not: its
+# __init__ loads an OpenBLAS with RTLD_GLOBAL, which would then take over torch's `sgemm_` as well).
+
+REFERENCE_ENV = "FLUX1_BENCH_REFERENCE"  # set in the diffusers subprocess: bench/__init__ skips flux_1
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _defining_file(handle, name: str) -> str | None:
+    """The file that defines `name` as `handle` (a ctypes.CDLL) resolves it, or None."""
+    try:
+        address = ctypes.cast(getattr(handle, name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+    process = ctypes.CDLL(None)
+    try:
+        dladdr = process.dladdr
+    except AttributeError:  # glibc < 2.34 keeps dladdr in libdl
+        dladdr = ctypes.CDLL("libdl.so.2").dladdr
+    info = _DlInfo()
+    if not dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
+
+
+def global_symbol_provider(name: str) -> str | None:
+    """The file defining `name` first in the process' global scope (LD_PRELOAD, RTLD_GLOBAL libraries):
+    the definition every later-loaded library's calls to `name` bind to (same as
+    flux_1.backend.symbol_provider, without importing flux_1)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return _defining_file(ctypes.CDLL(None), name)
+
+
+def binding_of(library: str, name: str) -> str | None:
+    """What `library`'s (already loaded) own calls to `name` bind to: the global scope's definition when
+    there is one (it wins over the library's own), else the first in the library's own dependency tree."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return global_symbol_provider(name) or _defining_file(ctypes.CDLL(library), name)
+
+
+def mapped_blas_libraries() -> list[str]:
+    """Files mapped into this process whose names say BLAS / MKL / OpenBLAS (Linux), deduplicated."""
+    try:
+        paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                 if len(line.split()) >= 6}
+    except OSError:
+        return []
+    keys = ("blas", "mkl", "lapack")
+    return sorted(p for p in paths if any(k in Path(p).name.lower() for k in keys))
+
+
+def openblas_threads(path: str | None) -> int | None:
+    """openblas_get_num_threads() of the loaded library at `path` (None when it is no OpenBLAS)."""
+    if not path:
+        return None
+    try:
+        return int(ctypes.CDLL(path).openblas_get_num_threads())
+    except (OSError, AttributeError):
+        return None
+
+
+def ours_blas() -> dict:
+    """Our side's BLAS: flux_1.backend.blas_info(), the library behind cblas_sgemm and its threads."""
+    from flux_1.backend import SYMBOL, blas_info, symbol_provider
+
+    provider = symbol_provider() if sys.platform.startswith("linux") else None
+    return {"blas": blas_info(), "blas_provider": {SYMBOL: provider}, "blas_threads": openblas_threads(provider),
+            "openblas_num_threads_env": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS")}

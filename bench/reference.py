@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,19 @@ import numpy as np
 
 import bench  # noqa: F401  (sys.path for flux_1 when the repo is not installed)
 
-from .common import GB, Clock, median, rss_peak_gb, rss_reset
+from .common import (
+    GB,
+    Clock,
+    binding_of,
+    global_symbol_provider,
+    loadavg,
+    mapped_blas_libraries,
+    median,
+    rss_peak_gb,
+    rss_reset,
+)
+
+BLAS_SYMBOLS = ("sgemm_", "cblas_sgemm")
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -40,7 +53,36 @@ def main(argv=None) -> None:
     Path(argv[1]).write_text(json.dumps(out, indent=2))
 
 
+def torch_blas(before_torch: dict) -> dict:
+    """Which BLAS torch's float32 GEMMs use here, measured through the dynamic linker: libtorch_cpu.so
+    defines `sgemm_` (MKL, linked in statically) and exports it, so an OpenBLAS in the global scope
+    (LD_PRELOAD, or flux_1's RTLD_GLOBAL load) would take its calls over. `before_torch`: the global
+    scope's providers before torch was imported (none is the clean case)."""
+    import torch
+
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    sgemm = binding_of(str(lib), "sgemm_") if lib.exists() else None
+    config = torch.__config__.show()
+    info = next((part.split("=", 1)[1] for part in config.replace(",", " ").split() if part.startswith("BLAS_INFO=")),
+                None)
+    return {
+        "torch_blas_build": info,  # torch.__config__.show(): BLAS_INFO=mkl for the x86-64 wheels
+        "torch_mkl": bool(torch.backends.mkl.is_available()),
+        "sgemm_provider": sgemm,  # what torch's sgemm_ calls bind to
+        "global_blas_before_torch": before_torch,
+        "global_blas_after_torch": {n: global_symbol_provider(n) for n in BLAS_SYMBOLS},
+        "openblas_for_sgemm": bool(sgemm and "openblas" in Path(sgemm).name.lower()),
+        "blas_libraries_mapped": mapped_blas_libraries(),  # numpy's scipy_openblas64_ has prefixed symbols
+        "flux_1_imported": "flux_1" in sys.modules,
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "flux1_blas_env": os.environ.get("FLUX1_BLAS"),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "mkl_num_threads_env": os.environ.get("MKL_NUM_THREADS"),
+    }
+
+
 def run(spec: dict) -> dict:
+    before_torch = {n: global_symbol_provider(n) for n in BLAS_SYMBOLS}
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -51,8 +93,14 @@ def run(spec: dict) -> dict:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "loadavg_start": loadavg(),
         "sdpa_backend": "torch.nn.functional.scaled_dot_product_attention (diffusers default processor)",
     }
+    try:
+        env.update(torch_blas(before_torch))
+    except Exception as e:  # pragma: no cover - the linker query is Linux-only; never fatal
+        env["blas_error"] = repr(e)
     try:
         import diffusers
         import transformers
@@ -286,5 +334,44 @@ def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) 
     return out
 
 
+def serve(spec: dict) -> None:
+    """`python -m bench.reference --serve SPEC.json` (bench/run.py --alternate): load the transformer at the
+    first precision, print one JSON line, then time one step per `step` line read from stdin (always the
+    first step, from the same inputs) and answer a JSON line {s, cpu, others}; `quit` ends it. So both
+    processes stay resident and their steps alternate, each in its own process with its own BLAS."""
+    before_torch = {n: global_symbol_provider(n) for n in BLAS_SYMBOLS}
+    import diffusers
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, TORCH_DTYPES[spec["precisions"][0]])
+    inputs = dict(np.load(spec["inputs"]))
+    tr = diffusers.FluxTransformer2DModel.from_pretrained(Path(spec["root"]) / "transformer", torch_dtype=dtype)
+    rows_, cols = spec["latent_grid"]
+    img_ids = torch.zeros(rows_, cols, 3)
+    img_ids[..., 1] = torch.arange(rows_)[:, None]
+    img_ids[..., 2] = torch.arange(cols)[None, :]
+    img_ids = img_ids.reshape(-1, 3).to(dtype)
+    x = torch.from_numpy(inputs["noise"]).to(dtype)
+    txt = torch.from_numpy(inputs["alt_txt"]).to(dtype)
+    pooled = torch.from_numpy(inputs["alt_pooled"]).to(dtype)
+    txt_ids = torch.zeros(txt.shape[1], 3, dtype=dtype)
+    t = torch.full([1], float(inputs["sigmas"][0]), dtype=dtype)
+    guidance = torch.full([1], 3.5, dtype=torch.float32) if spec["guidance"] else None
+    env = {"threads": torch.get_num_threads(), **torch_blas(before_torch)}
+    print(json.dumps({"ready": True, "env": env}), flush=True)
+    with torch.inference_mode():
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            with Clock() as c:
+                tr(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                   img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)
+            print(json.dumps({"s": c.s, "cpu": c.cpu, "others": c.others}), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--serve"]:
+        serve(json.loads(Path(sys.argv[2]).read_text()))
+    else:
+        main()

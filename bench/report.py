@@ -140,13 +140,25 @@ def markdown(result: dict) -> str:
                  f"{env.get('cores')} cores); "
                  f"MLX {env.get('mlx')}; OpenBLAS preloaded: {'yes' if env.get('openblas_preloaded') else 'no'}; "
                  f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}; {env.get('date')}")
+    if env.get("blas"):
+        lines.append(f"- ours: BLAS {env['blas']}; OpenBLAS threads {env.get('blas_threads')} "
+                     f"(OPENBLAS_NUM_THREADS={env.get('openblas_num_threads_env')})")
     if renv:
         lines.append(f"- diffusers {renv.get('diffusers')}, transformers {renv.get('transformers')}, torch "
-                     f"{renv.get('torch')} on {renv.get('device')}, {renv.get('threads')} torch threads")
+                     f"{renv.get('torch')} on {renv.get('device')}, {renv.get('threads')} torch threads"
+                     + (f"; {_torch_blas(renv)}" if "sgemm_provider" in renv else ""))
     elif result.get("reference_skipped"):
         lines.append(f"- diffusers side skipped: {result['reference_skipped']}")
     if result.get("reference_error"):
         lines.append(f"- diffusers side failed: {result['reference_error'][:300]}")
+    alt = result.get("alternate")
+    if alt and alt.get("ratio_median") is not None:
+        lines.append(f"- step ratio ours / diffusers, {alt['rounds']} alternating rounds (both processes resident, "
+                     f"{alt['precision']}, txt2img): median {alt['ratio_median']:.2f}x, "
+                     f"min-max {alt['ratio_min']:.2f}-{alt['ratio_max']:.2f}x"
+                     + (f" ◊ busy machine (others > {BUSY_OTHERS_CORES} cores in a step)" if alt.get("busy") else ""))
+    elif alt and alt.get("error"):
+        lines.append(f"- alternating rounds failed: {alt['error']}")
     s = result["settings"]
     if not result.get("commands"):
         lines.append(f"- {s['steps']} timed steps (median) after {s['warmup']} warm-up; weights on disk "
@@ -157,12 +169,17 @@ def markdown(result: dict) -> str:
                  "text s | decode s | load s (transformer / T5 / CLIP / VAE) |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     projected = False
+    busy_rows = []
     for r in result["rows"]:
         ra = r.get("ratios", {})
         step = _f(r.get("step_s"), 3)
         if r.get("step_method") == "projected":
             step += " †"
             projected = True
+        reasons = r["busy"] if "busy" in r else busy(r, env)
+        if reasons:
+            step += " ◊"
+            busy_rows.append(f"{r['impl']} {_setting(r)}: {'; '.join(reasons)}")
         vs = _ratio(ra.get("step_vs_diffusers"))
         if ra.get("step_vs_diffusers_basis") == "diffusers without LoRA" and r["lora_rank"]:
             vs += " ‡"
@@ -193,6 +210,10 @@ def markdown(result: dict) -> str:
         notes.append("‡ against diffusers without LoRA (peft, which diffusers' LoRA needs, is not installed)")
     if any(r.get("decode_from_other_run") for r in result["rows"]):
         notes.append("§ VAE stage (never quantized, no LoRA) taken from another run at the same precision")
+    if busy_rows:
+        notes.append(f"◊ busy machine, not a clean measurement (other processes > {BUSY_OTHERS_CORES} cores in a "
+                     f"timed step, or a 1-minute load average > {BUSY_LOADAVG_PER_CORE} per core at the start): "
+                     + " | ".join(busy_rows))
     lines += [f"{n}  " for n in notes]
     if notes:
         lines.append("")
@@ -311,6 +332,41 @@ def _quant_order(q: str | None) -> tuple:
         return (0, 0, "")
     digits = "".join(c for c in q if c.isdigit())
     return (1, -int(digits) if digits else 0, q)
+
+
+BUSY_OTHERS_CORES = 0.2  # other processes' cores (CPU s per wall s) in any timed step
+BUSY_LOADAVG_PER_CORE = 0.25  # the run's 1-minute load average at its start, per core (0.5 on 2 cores)
+
+
+def busy(row: dict, env: dict) -> list[str]:
+    """Why a row's step was measured on a busy machine (empty: it was not): other processes took more
+    than BUSY_OTHERS_CORES cores during one of its timed steps, or the 1-minute load average at the
+    run's start was above BUSY_LOADAVG_PER_CORE per core. (The reference process' own start load
+    average is not used: our side just ran, so it is always high.)"""
+    reasons = []
+    wall, others = row.get("step_times_s") or [], row.get("step_others_cpu_s") or []
+    per_step = [o / w for o, w in zip(others, wall, strict=False) if o is not None and w]
+    if per_step and max(per_step) > BUSY_OTHERS_CORES:
+        reasons.append(f"others took {max(per_step):.2f} cores in a timed step")
+    la, cores = env.get("loadavg_start"), env.get("cores") or 1
+    if la and la[0] > BUSY_LOADAVG_PER_CORE * cores:
+        reasons.append(f"load average {la[0]} at the start ({cores} cores)")
+    return reasons
+
+
+def flag_busy(result: dict) -> None:
+    """Every row's `busy` reasons (an empty list: a clean measurement), in place."""
+    for r in result["rows"]:
+        r["busy"] = busy(r, result["env"])
+
+
+def _torch_blas(renv: dict) -> str:
+    sgemm = renv.get("sgemm_provider")
+    text = (f"torch BLAS {renv.get('torch_blas_build')} (MKL {'yes' if renv.get('torch_mkl') else 'no'}), "
+            f"`sgemm_` from {Path(sgemm).name if sgemm else '?'}")
+    if renv.get("openblas_for_sgemm"):
+        text += " (an OpenBLAS, not torch's own: the ratios are not fair)"
+    return text
 
 
 def contention(row: dict) -> float:

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
 
 import bench  # noqa: E402,F401  (sys.path for flux_1 in a plain checkout)
 from bench import configs, report, weights  # noqa: E402
-from bench.common import cpu_name, loadavg, make_inputs, openblas_preloaded  # noqa: E402
+from bench.common import REFERENCE_ENV, cpu_name, loadavg, make_inputs, openblas_preloaded, ours_blas  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("txt2img", "kontext")
@@ -84,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "re-timed alone: about one more step's time per row)")
     p.add_argument("--write-weights-only", action="store_true",
                    help="write the random weights to --weights-dir and stop (a separate first command)")
+    p.add_argument("--alternate", type=int, default=0, metavar="N",
+                   help="also N rounds of (our step, diffusers step) alternately, both processes resident "
+                        "(diffusers in its own process, torch's own BLAS), first precision, txt2img, no "
+                        "LoRA/quantization: the median ours / diffusers ratio and its min-max")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -103,6 +107,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "openblas_preloaded": openblas_preloaded(),
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        **ours_blas(),  # blas (blas_info()), blas_provider, blas_threads, OPENBLAS_NUM_THREADS / OMP_NUM_THREADS
     }
     try:
         import numpy
@@ -143,7 +148,7 @@ def run_reference(args, cfg, root: Path, inputs_path: Path, precisions: list[str
         log(f"[diffusers] running in a subprocess ({args.threads} torch threads)")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "bench.reference", str(spec_path), str(out_path)],
-                              cwd=str(REPO), capture_output=True, text=True)
+                              cwd=str(REPO), capture_output=True, text=True, env=reference_environ())
         if proc.returncode != 0 or not out_path.exists():
             tail = (proc.stderr or proc.stdout)[-3000:]
             log(f"[diffusers] failed (exit {proc.returncode}):\n{tail}")
@@ -151,6 +156,88 @@ def run_reference(args, cfg, root: Path, inputs_path: Path, precisions: list[str
         out = json.loads(out_path.read_text())
         out["wall_s"] = time.perf_counter() - t0
         return out
+
+
+def run_alternate(args, cfg, root: Path, inputs: dict, inputs_path: Path, precision: str, log) -> dict:
+    """N rounds of (our transformer step, diffusers' step), alternately, same inputs (the first step's).
+    diffusers runs in a resident subprocess (`bench.reference --serve`) driven over a pipe, so each side
+    keeps its own process and BLAS and machine drift hits both alike. Random text embeddings of the
+    encoders' shapes (values do not change a step's cost)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from bench.common import Clock, median
+    from flux_1.loading import folder as loader
+    from flux_1.pipeline import sampler
+
+    rng = np.random.default_rng(args.seed + 1)
+    txt_np = rng.standard_normal((1, cfg.txt_tokens, cfg.transformer.context_dim)).astype(np.float32)
+    pooled_np = rng.standard_normal((1, cfg.transformer.vec_dim)).astype(np.float32)
+    np.savez(inputs_path, **inputs, alt_txt=txt_np, alt_pooled=pooled_np)
+    spec = {"root": str(root), "inputs": str(inputs_path), "precisions": [precision], "threads": args.threads,
+            "latent_grid": [cfg.height // 16, cfg.width // 16], "guidance": cfg.transformer.guidance_embed}
+    dtype = getattr(mx, precision)
+    ours = loader.load_folder_component(root, "transformer", dtype)
+    img_ids, txt_ids = sampler.image_ids(cfg.height, cfg.width), sampler.text_ids(cfg.txt_tokens)
+    pe = ours.position_embedding(img_ids, txt_ids)
+    x, txt, pooled = (mx.array(a).astype(dtype) for a in (inputs["noise"], txt_np, pooled_np))
+    sigma = mx.array([float(inputs["sigmas"][0])])
+    guidance = mx.array([3.5]) if cfg.transformer.guidance_embed else None
+
+    def ours_step():
+        mx.eval(ours(x, txt, pooled, sigma, img_ids, txt_ids, guidance=guidance, pe=pe))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.Popen([sys.executable, "-m", "bench.reference", "--serve", str(spec_path)],
+                                cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=reference_environ())
+        try:
+            ready = json.loads(proc.stdout.readline() or "{}")
+            if not ready.get("ready"):
+                return {"error": f"diffusers server did not start (exit {proc.poll()})"}
+
+            def ref_step():
+                proc.stdin.write("step\n")
+                proc.stdin.flush()
+                return json.loads(proc.stdout.readline())
+
+            ours_step()
+            ref_step()  # warm-ups
+            out = {"rounds": args.alternate, "precision": precision, "ours_s": [], "diffusers_s": [],
+                   "ours_others_cores": [], "diffusers_others_cores": [], "reference_env": ready["env"]}
+            for i in range(args.alternate):
+                with Clock() as c:
+                    ours_step()
+                d = ref_step()
+                out["ours_s"].append(c.s)
+                out["ours_others_cores"].append(c.others / c.s if c.others is not None else None)
+                out["diffusers_s"].append(d["s"])
+                # the resident idle partner counts as "others" for a step: it sleeps on a pipe, ~0
+                out["diffusers_others_cores"].append(d["others"] / d["s"] if d["others"] is not None else None)
+                log(f"[alternate] round {i + 1}: ours {c.s:.3f} s, diffusers {d['s']:.3f} s")
+        finally:
+            if proc.stdin and not proc.stdin.closed:
+                proc.stdin.write("quit\n")
+                proc.stdin.close()
+            proc.wait(timeout=60)
+    ratios = [o / d for o, d in zip(out["ours_s"], out["diffusers_s"], strict=True)]
+    out.update(ratio_per_round=ratios, ratio_median=median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+    others = [o for o in out["ours_others_cores"] + out["diffusers_others_cores"] if o is not None]
+    out["busy"] = bool(others) and max(others) > report.BUSY_OTHERS_CORES
+    return out
+
+
+def reference_environ(base: dict | None = None) -> dict:
+    """The diffusers subprocess' environment: torch with its own BLAS. No inherited LD_PRELOAD (an
+    OpenBLAS there would take over torch's `sgemm_`), FLUX1_BLAS=off and FLUX1_BENCH_REFERENCE=1 (bench's
+    __init__ then does not import flux_1, whose select_blas would load an OpenBLAS RTLD_GLOBAL)."""
+    env = dict(os.environ if base is None else base)
+    env.pop("LD_PRELOAD", None)
+    env["FLUX1_BLAS"] = "off"
+    env[REFERENCE_ENV] = "1"
+    return env
 
 
 def modes(args) -> list[str]:
@@ -246,6 +333,8 @@ def main(argv=None) -> dict:
             if ref.get("error"):
                 result["reference_error"] = ref["error"]
             result["rows"] += ref.get("rows", [])
+            if args.alternate > 0:
+                result["alternate"] = run_alternate(args, cfg, root, inputs, inputs_path, precisions[0], log)
         else:
             result["reference_skipped"] = why_not or "--reference off"
     finally:
@@ -253,6 +342,7 @@ def main(argv=None) -> dict:
             tmp.cleanup()
     result["env"]["loadavg_end"] = loadavg()
     report.add_ratios(result)
+    report.flag_busy(result)
     md = report.markdown(result)
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)

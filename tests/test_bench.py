@@ -27,6 +27,10 @@ def test_report_fields(tiny_result):
     for key in ("command", "env", "settings", "rows", "analytic", "weights"):
         assert key in on_disk
     assert {"mlx", "openblas_preloaded", "device", "cores"} <= set(on_disk["env"])
+    # each side's BLAS and threads (issue 14): ours here, torch's in reference_env (not run here)
+    assert {"blas", "blas_provider", "blas_threads", "openblas_num_threads_env"} <= set(on_disk["env"])
+    assert isinstance(on_disk["env"]["blas"], str) and on_disk["env"]["blas"]
+    assert all(isinstance(r["busy"], list) for r in on_disk["rows"])
     rows = on_disk["rows"]
     assert {(r["quantize"], r["lora_rank"]) for r in rows} == {(None, 0), (None, 4), ("q4", 0), ("q4", 4)}
     for r in rows:
@@ -186,3 +190,48 @@ def test_merge_clean_keeps_the_least_contended_row():
     b = {"command": "b", "env": {}, "rows": [row("txt2img", 12.0, 0.3), row("kontext", 80.0, 68.0)]}
     assert [r["step_s"] for r in report.merge([a, b])["rows"]] == [50.0, 20.0]  # first file's rows
     assert [r["step_s"] for r in report.merge([a, b], clean=True)["rows"]] == [12.0, 20.0]
+
+
+def test_busy_flag():
+    """A row measured while other processes took > 0.2 cores, or after a high load average, is marked."""
+    quiet = {"step_times_s": [1.0, 1.0], "step_others_cpu_s": [0.05, 0.1]}
+    assert report.busy(quiet, {"loadavg_start": [0.1, 0.2, 0.3], "cores": 2}) == []
+    assert report.busy(quiet, {"loadavg_start": [1.5, 0.2, 0.3], "cores": 2})
+    loud = {"step_times_s": [1.0, 2.0], "step_others_cpu_s": [0.05, 0.8]}
+    assert report.busy(loud, {"loadavg_start": [0.1, 0.1, 0.1], "cores": 2})
+
+
+def test_reference_process_uses_torchs_own_blas():
+    """The diffusers subprocess' environment keeps flux_1 (and its RTLD_GLOBAL OpenBLAS) and any
+    LD_PRELOAD out, so torch's `sgemm_` stays its own (MKL in libtorch_cpu.so), not OpenBLAS."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.run import REPO, reference_environ
+
+    env = reference_environ({**os.environ, "LD_PRELOAD": "/nonexistent/libopenblas.so"})
+    assert "LD_PRELOAD" not in env and env["FLUX1_BLAS"] == "off" and env["FLUX1_BENCH_REFERENCE"] == "1"
+    pytest.importorskip("torch")
+    code = ("import json; from bench.reference import torch_blas, global_symbol_provider, BLAS_SYMBOLS; "
+            "b = {n: global_symbol_provider(n) for n in BLAS_SYMBOLS}; print(json.dumps(torch_blas(b)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not info["flux_1_imported"]
+    assert not info["openblas_for_sgemm"], info["sgemm_provider"]
+    assert not any(info["global_blas_before_torch"].values())
+
+
+def test_alternate_rounds(tmp_path):
+    """--alternate N: our step and diffusers' (a resident subprocess) alternately; median and min-max ratio."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    result = main(["--config", "tiny", "--steps", "1", "--warmup", "0", "--no-decode", "--no-breakdown",
+                   "--reference", "on", "--alternate", "2", "--weights-dir", str(tmp_path / "w"), "--quiet"])
+    alt = result["alternate"]
+    assert len(alt["ours_s"]) == len(alt["diffusers_s"]) == 2
+    assert alt["ratio_min"] <= alt["ratio_median"] <= alt["ratio_max"]
+    assert not alt["reference_env"]["openblas_for_sgemm"]
+    assert not result["reference_env"]["openblas_for_sgemm"] and not result["reference_env"]["flux_1_imported"]
