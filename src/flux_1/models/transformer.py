@@ -210,9 +210,36 @@ def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
     return layer_norm(x) * (1 + scale) + shift
 
 
+_GELU_C1 = 2 * math.sqrt(2 / math.pi)
+_GELU_C3 = _GELU_C1 * 0.044715
+
+
+@mx.compile
+def _gelu_tanh_as_sigmoid(x: mx.array) -> mx.array:
+    # 0.5 * (1 + tanh(z)) == sigmoid(2z), z = sqrt(2/pi) * (x + 0.044715 x^3): the same function, written
+    # as x / (1 + exp(-2z)). Large negative x: exp overflows to inf and the result is -0 (the tanh form
+    # gives 0 there after cancelling 1 + tanh(z), which this form avoids).
+    return x / (1 + mx.exp(-x * (_GELU_C1 + _GELU_C3 * (x * x))))
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """FLUX's GELU, the tanh approximation. On CPU as x * sigmoid(2z) (about 2x faster there, equal within
+    float32 rounding); elsewhere MLX's own `gelu_approx`, unchanged."""
+    if mx.default_device() == mx.cpu:
+        return _gelu_tanh_as_sigmoid(x)
+    return nn.gelu_approx(x)
+
+
+class GELUTanh(nn.Module):
+    """`gelu_tanh` as a parameterless layer (the `img_mlp.layers.1` slot of BFL's checkpoints)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return gelu_tanh(x)
+
+
 def mlp(dim: int, hidden: int) -> nn.Sequential:
     # FLUX uses the tanh approximation of GELU.
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approx="tanh"), nn.Linear(hidden, dim))
+    return nn.Sequential(nn.Linear(dim, hidden), GELUTanh(), nn.Linear(hidden, dim))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -266,7 +293,7 @@ class SingleStreamBlock(nn.Module):
         qkv = qkv.reshape(B, S, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k = self.norm(qkv[0], qkv[1])
         attn = attention(q, k, qkv[2], pe)
-        out = self.linear2(mx.concatenate([attn, nn.gelu_approx(mlp)], axis=-1))
+        out = self.linear2(mx.concatenate([attn, gelu_tanh(mlp)], axis=-1))
         return x + gate * out
 
 
