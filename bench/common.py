@@ -97,6 +97,17 @@ def system_busy_s() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def timed_runs(fn, n: int) -> tuple[list[float], object]:
+    """Call `fn` (which must return only when its work is done) `n` times: (wall seconds of each call,
+    the last call's result)."""
+    times, result = [], None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return times, result
+
+
 class Clock:
     """Wall time of a block, the CPU time this process spent in it (all threads), and the CPU time
     every other process of the machine spent meanwhile: `with Clock() as c: ...; c.s, c.cpu, c.others`.

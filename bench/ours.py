@@ -29,7 +29,7 @@ from flux_1.pipeline import conditioning, sampler
 
 from . import lora as bench_lora
 from . import profile
-from .common import GB, Clock, median, rss_peak_gb, rss_reset
+from .common import GB, Clock, median, rss_peak_gb, rss_reset, timed_runs
 
 
 def quant_spec(setting: str | None) -> q.QuantSpec | None:
@@ -191,12 +191,13 @@ def _text_stage(cfg, root, inputs, dtype, spec, base: Baseline, max_stage_s, sam
         method = f"measured (projection {predicted:.1f} s was under the limit)"
     with Mem() as m:
         mx.eval(encode())  # warm-up (first-call allocation, kernel compilation on GPU)
-        times = []
-        for _ in range(2):
-            with Clock() as c:
-                txt, pooled = encode()
-                mx.eval(txt, pooled)
-            times.append(c.s)
+
+        def encode_now():
+            out = encode()
+            mx.eval(*out)
+            return out
+
+        times, (txt, pooled) = timed_runs(encode_now, 2)
     out.update(text_s=median(times), text_times_s=times, text_method=method, outputs=(txt, pooled))
     out["peak_gb"]["text"] = m.peak
     out["rss_peak_gb"]["text"] = m.rss
@@ -425,12 +426,8 @@ def _vae_stage(cfg, root, dtype, latents, warmup, decode: bool = True, reference
               "weights_gb": m_load.added}
     if reference_pixels is not None:
         pixels = mx.array(reference_pixels).astype(dtype)
-        times = []
         with Mem() as m:
-            for _ in range(1 + warmup):
-                with Clock() as c:
-                    mx.eval(sampler.pack(vae.encode_latents(pixels)))
-                times.append(c.s)
+            times, _ = timed_runs(lambda: mx.eval(sampler.pack(vae.encode_latents(pixels))), 1 + warmup)
         result.update(encode_s=times[-1], encode_first_s=times[0])
         result["peak_gb"]["encode"] = m.peak
         result["rss_peak_gb"]["encode"] = m.rss
@@ -450,14 +447,8 @@ def _vae_stage(cfg, root, dtype, latents, warmup, decode: bool = True, reference
         image = vae.decode(z.astype(dtype))[0].astype(mx.float32)
         return mx.clip(image / 2 + 0.5, 0.0, 1.0)
 
-    times = []
     with Mem() as m:
-        for _ in range(1 + warmup):
-            with Clock() as c:
-                img = decode()
-                mx.eval(img)
-                np.array(img)
-            times.append(c.s)
+        times, _ = timed_runs(lambda: np.array(decode()), 1 + warmup)
     result.update(decode_s=times[-1], decode_first_s=times[0])
     result["peak_gb"]["decode"] = m.peak
     result["rss_peak_gb"]["decode"] = m.rss

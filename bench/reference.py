@@ -39,6 +39,7 @@ from .common import (
     median,
     rss_peak_gb,
     rss_reset,
+    timed_runs,
 )
 
 BLAS_SYMBOLS = ("sgemm_", "cblas_sgemm")
@@ -180,11 +181,7 @@ def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) 
 
             with Stage(device) as s_text:
                 encode()
-                times = []
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    txt, pooled = encode()
-                    times.append(time.perf_counter() - t0)
+                times, (txt, pooled) = timed_runs(encode, 2)
             row.update(text_s=median(times), text_times_s=times)
             row["peak_gb"]["text"] = s_text.peak
             del clip, t5
@@ -288,12 +285,8 @@ def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) 
                 _sync(device)
                 return z
 
-            times = []
             with Stage(device) as s_enc:
-                for _ in range(1 + spec.get("decode_warmup", spec["warmup"])):
-                    t0 = time.perf_counter()
-                    encode_reference()
-                    times.append(time.perf_counter() - t0)
+                times, _ = timed_runs(encode_reference, 1 + spec.get("decode_warmup", spec["warmup"]))
             for r in rows:
                 if r["mode"] == "kontext":
                     r.update(encode_s=times[-1], encode_first_s=times[0])
@@ -312,12 +305,8 @@ def _one(spec, root, inputs, device, dtype, precision, rank, with_other_stages) 
                 image = (image / 2 + 0.5).clamp(0, 1).float().cpu().numpy()
                 return image
 
-            times = []
             with Stage(device) as s_dec:
-                for _ in range(1 + spec.get("decode_warmup", spec["warmup"])):
-                    t0 = time.perf_counter()
-                    decode()
-                    times.append(time.perf_counter() - t0)
+                times, _ = timed_runs(decode, 1 + spec.get("decode_warmup", spec["warmup"]))
             row.update(decode_s=times[-1], decode_first_s=times[0])
             row["peak_gb"]["decode"] = s_dec.peak
             row["load_s"]["total"] = sum(row["load_s"].values())
