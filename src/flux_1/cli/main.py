@@ -227,7 +227,8 @@ def check_lora_files(paths: list[str], scales: list[float] | None, model: str, r
     own shapes when the model comes from the Hub: a bad LoRA fails now, not after minutes of loading.
     Returns img_in's width with the LoRAs applied (None without LoRAs)."""
     from ..components import default_precision, precision_dtype
-    from ..pipeline.flux1 import component_shapes, default_shapes, resolve_loras, skeleton
+    from ..loading import component_shapes
+    from ..pipeline.flux1 import default_shapes, resolve_loras, skeleton
     from ..safetensors_check import HeaderError, check_header
 
     if not paths:
@@ -325,8 +326,8 @@ def model_in_channels(model: str, root: Path | None, gguf_files: dict | None = N
     """img_in's width of the checkpoint (its headers), or of the variant's own when it comes from the Hub."""
     if root is None and "transformer" not in (gguf_files or {}):
         return VARIANTS[model].in_channels
+    from ..loading import component_shapes
     from ..models.transformer import FluxParams
-    from ..pipeline.flux1 import component_shapes
 
     return FluxParams.from_shapes(component_shapes(root, "transformer", gguf_files)).in_channels
 

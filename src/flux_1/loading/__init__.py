@@ -25,3 +25,21 @@ def load_component(root: Path, component: str, dtype: mx.Dtype, spec=None,
         return load_gguf_component(gguf_files[component], component, dtype, spec)
     load = load_saved_component if is_saved_folder(root) else load_folder_component
     return load(Path(root), component, dtype, spec)
+
+
+def component_shapes(root: Path, component: str, gguf_files: dict[str, Path] | None = None
+                     ) -> dict[str, tuple[int, ...]]:
+    """Our-named, logical (unpacked) weight shapes of one component from any layout, read off the file
+    headers only: what `load_component` would build, without loading it."""
+    from .folder import find_source
+    from .saved import is_saved_folder, logical_shapes
+    from .weights import shapes_of
+
+    if gguf_files and component in gguf_files:
+        from .gguf import gguf_shapes
+
+        return gguf_shapes(gguf_files[component], component)
+    if is_saved_folder(root):
+        return logical_shapes(Path(root), component)
+    source = find_source(Path(root), component)
+    return source.shapes or shapes_of(source.weights)

@@ -143,6 +143,23 @@ def check_folder(root: Path) -> dict:
     return manifest
 
 
+def logical_shapes(root: Path, component: str) -> dict[str, tuple[int, ...]]:
+    """A saved component's weight shapes from its headers, quantized weights unpacked to (rows, inputs)."""
+    files, meta = component_metadata(root, component)
+    try:
+        plan = json.loads(meta.get("layers", "{}"))
+    except ValueError as e:
+        raise SavedFormatError(f"{files[0]}: unreadable quantization metadata ({e})") from None
+    shapes = {}
+    for f in files:
+        for key, info in read_header(f)[1].items():
+            module, _, param = key.rpartition(".")
+            how = plan.get(module) if param == "weight" else None
+            shape = tuple(info["shape"])
+            shapes[key] = q.logical_shape(shape, int(how["bits"])) if how else shape
+    return shapes
+
+
 def load_saved_component(root: Path, component: str, dtype: mx.Dtype, spec: q.QuantSpec | None = None
                          ) -> nn.Module:
     """Build one component from a saved folder; its quantization comes from the folder.

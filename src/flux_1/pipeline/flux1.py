@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from .. import quantization as q
 from ..backend import quiet_transformers
 from ..components import COMPONENTS, default_precision, precision_dtype, require_tokenizers
-from ..loading import load_component
+from ..loading import component_shapes, load_component
 from ..lora import lora_strengths
 from ..models.transformer import FluxParams
 from . import conditioning, sampler
@@ -366,35 +365,6 @@ class GeneratedImage:
 # -- reading the architecture without loading ---------------------------------------------------------
 
 
-def component_shapes(root: Path, component: str, gguf_files: dict | None = None) -> dict[str, tuple[int, ...]]:
-    """Our-named (logical, unpacked) weight shapes of one component, from safetensors (or GGUF) headers only."""
-    from ..loading import folder, saved
-    from ..loading.weights import shapes_of
-
-    if gguf_files and component in gguf_files:
-        from ..loading.gguf import gguf_shapes
-
-        return gguf_shapes(gguf_files[component], component)
-    root = Path(root)
-    if saved.is_saved_folder(root):
-        files, meta = saved.component_metadata(root, component)
-        try:
-            plan = json.loads(meta.get("layers", "{}"))
-        except ValueError as e:
-            raise saved.SavedFormatError(f"{files[0]}: unreadable quantization metadata ({e})") from None
-        shapes = {}
-        for f in files:
-            _, header = saved.read_header(f)
-            for key, info in header.items():
-                module, _, param = key.rpartition(".")
-                how = plan.get(module) if param == "weight" else None
-                shape = tuple(info["shape"])
-                shapes[key] = q.logical_shape(shape, int(how["bits"])) if how else shape
-        return shapes
-    source = folder.find_source(root, component)
-    return source.shapes or shapes_of(source.weights)
-
-
 def skeleton(component: str, shapes: dict, dtype: mx.Dtype):
     """The module tree of a component, never evaluated: MLX arrays are lazy, so its random
     initial weights take no memory. LoRAs are resolved (and side paths built) against it."""
@@ -407,15 +377,10 @@ def default_shapes(component: str, guidance: bool, in_channels: int = FLUX1.in_c
     """Shapes of the real FLUX.1 component (the params' defaults), for checks with no local folder."""
     from mlx.utils import tree_flatten
 
-    from ..models.clip import CLIPParams, CLIPTextModel
-
-    if component == "clip":
-        model = CLIPTextModel(CLIPParams())
-    else:
-        from ..models.transformer import FluxTransformer
-
-        model = FluxTransformer(FluxParams(guidance_embed=guidance, in_channels=in_channels))
-    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    facts = COMPONENTS[component]
+    params = (FluxParams(guidance_embed=guidance, in_channels=in_channels) if component == "transformer"
+              else facts.params())
+    return {k: tuple(v.shape) for k, v in tree_flatten(facts.model(params).parameters())}
 
 
 def resolve_loras(paths: list[str], scales: list[float] | None, transformer_shapes: dict, clip_shapes: dict,
@@ -469,7 +434,8 @@ class Flux1:
         self._transformer = None
         self.t5 = self.clip = None
         # Read off the headers now: guidance and LoRA checks must not load the transformer early.
-        self.transformer_params = FluxParams.from_shapes(component_shapes(self.root, "transformer", self.gguf_files))
+        self._header_shapes: dict[str, dict] = {}
+        self.transformer_params = FluxParams.from_shapes(self._shapes("transformer"))
         if self.transformer_params.guidance_embed != variant.guidance_distilled:
             holds = ("a guidance-distilled (dev-like)" if self.transformer_params.guidance_embed
                      else "a schnell-like (no guidance embedder)")
@@ -541,6 +507,12 @@ class Flux1:
         return cls(root, facts, precision=precision, quantize=quantize, low_memory=low_memory,
                    lora_paths=lora_paths, lora_scales=lora_scales, lora_merge=lora_merge, progress=progress,
                    transformer_gguf=transformer_gguf, t5_gguf=t5_gguf)
+
+    def _shapes(self, component: str) -> dict:
+        """A component's weight shapes, read off its headers once (for skeletons and checks)."""
+        if component not in self._header_shapes:
+            self._header_shapes[component] = component_shapes(self.root, component, self.gguf_files)
+        return self._header_shapes[component]
 
     def _load(self, component: str):
         if self.progress:
@@ -647,9 +619,8 @@ class Flux1:
         """
         scales = lora_strengths(paths, scales)
         transformer = self._transformer if self._transformer is not None else skeleton(
-            "transformer", component_shapes(self.root, "transformer", self.gguf_files), self.dtype)
-        clip = self.clip if self.clip is not None else skeleton(
-            "clip", component_shapes(self.root, "clip"), self.dtype)
+            "transformer", self._shapes("transformer"), self.dtype)
+        clip = self.clip if self.clip is not None else skeleton("clip", self._shapes("clip"), self.dtype)
         if self.loras is not None:
             self.loras.remove(transformer, clip)  # a skeleton holds nothing to undo
         self.loras = None
@@ -678,8 +649,7 @@ class Flux1:
         if transformer is None and not self.loras.merge:
             # Not loaded yet (low_memory): retune against a skeleton (the side path never evaluates
             # its weights); the strengths reach the transformer when it is loaded.
-            transformer = skeleton("transformer", component_shapes(self.root, "transformer", self.gguf_files),
-                                   self.dtype)
+            transformer = skeleton("transformer", self._shapes("transformer"), self.dtype)
         elif transformer is None:
             transformer = self.transformer  # merging needs the real weights
         self.loras.set_scales(scales, transformer, self.clip)
