@@ -4,6 +4,8 @@
 - `mid`: real widths (transformer 3072, T5 4096, CLIP 768, the real VAE) but few blocks
   (2 double + 4 single, T5 and CLIP 2 layers each) at 512x512 with 512 T5 tokens: a CPU-sized slice
   of the real model whose per-block cost is the real one.
+- `slice`: real widths, 1 double + 2 single blocks, 256x256 + 256 T5 tokens (512 in all): the CPU
+  speed comparison of issue #14, a step in seconds.
 - `full`: FLUX.1-dev as shipped (19 + 38 blocks, T5-XXL 24 layers, CLIP-L 12 layers) at 1024x1024 and
   512 T5 tokens; for a GPU machine.
 
@@ -66,6 +68,16 @@ CONFIGS = {
         vae=VAEParams(block_out_channels=(32, 32, 64, 64)),
         height=128, width=128, txt_tokens=32,
         note="all dims tiny; smoke test only, timings mean nothing",
+    ),
+    "slice": BenchConfig(
+        name="slice",
+        transformer=FluxParams(depth=1, depth_single=2, guidance_embed=True),
+        t5=T5Params(num_layers=2),
+        clip=CLIPParams(num_layers=2),
+        vae=VAEParams(),
+        height=256, width=256, txt_tokens=256,
+        note="real widths, 1 double + 2 single blocks, 256x256 + 256 T5 tokens (512 tokens): issue #14's same-run "
+             "comparison",
     ),
     "mid": BenchConfig(
         name="mid",

@@ -8,13 +8,17 @@
   run on one thread per stream; BLAS GEMMs already use every core);
 - `gelu_forms`: tanh-GELU as MLX computes it vs the identical x * sigmoid(2z) form; `mx.compile` of the
   blocks' elementwise chains (modulate, gated residual);
-- `vs_diffusers_interleaved`: our `mid` transformer and diffusers', loaded in one process from the same
-  folder, stepped alternately: the ours / diffusers step ratio with machine drift cancelled;
 - `lora_interleaved`: steps of the `mid` transformer alternately without and with a rank-16 LoRA
   (the end-to-end LoRA overhead, robust to other load on the machine);
 - `quantized`: one quantized linear at real shape: quantized_matmul time per row at the sampled row
   count the projection uses vs at the real row count (validates the linear-in-rows scaling), and
   dequantize + dense GEMM as the alternative.
+
+Retired: `vs_diffusers_interleaved` (ours and diffusers in one process: torch's `sgemm_` bound to the
+OpenBLAS flux_1 loads, about 15% slower than torch's own); `python -m bench --alternate N` replaces it
+(diffusers in its own process on its own BLAS). The torch figures of `elementwise` share that process
+too: its GEMM-free ops (exp, GELU) are unaffected. The A/B experiments of issue #14 are in
+`bench/cpu_speed.py`.
 """
 
 from __future__ import annotations
@@ -174,65 +178,6 @@ def lora_interleaved(weights_dir: str | None, pairs: int = 3, rank: int = 16, co
     return out
 
 
-def vs_diffusers_interleaved(weights_dir: str | None, pairs: int = 3, threads: int = 2, config: str = "mid") -> dict:
-    """Our transformer and diffusers' FluxTransformer2DModel, loaded in one process from the same folder,
-    stepped alternately on the same inputs (float32): a per-step ratio that machine-level drift between
-    separate runs cannot skew."""
-    from pathlib import Path
-
-    import numpy as np
-    import torch
-    from diffusers import FluxTransformer2DModel
-
-    from flux_1.loading import folder as loader
-    from flux_1.pipeline import sampler
-
-    from . import configs, weights
-    from .common import Clock, make_inputs
-
-    torch.set_num_threads(threads)
-    cfg = configs.get(config)
-    root = Path(weights_dir) if weights_dir else Path(f"/tmp/flux-bench-{config}")
-    weights.write_folder(cfg, root, log=lambda *a: None)
-    inputs = make_inputs(cfg, 2)
-    rng = np.random.default_rng(0)
-    txt_np = rng.standard_normal((1, cfg.txt_tokens, cfg.transformer.context_dim), np.float32)
-    pooled_np = rng.standard_normal((1, cfg.transformer.vec_dim), np.float32)
-    sigma = float(inputs["sigmas"][0])
-
-    ours = loader.load_folder_component(root, "transformer", mx.float32)
-    img_ids, txt_ids = sampler.image_ids(cfg.height, cfg.width), sampler.text_ids(cfg.txt_tokens)
-    pe = ours.position_embedding(img_ids, txt_ids)
-    x, txt, pooled = mx.array(inputs["noise"]), mx.array(txt_np), mx.array(pooled_np)
-
-    def ours_step():
-        mx.eval(ours(x, txt, pooled, mx.array([sigma]), img_ids, txt_ids, guidance=mx.array([3.5]), pe=pe))
-
-    ref = FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch.float32).eval()
-    tx, ttxt, tpooled = (torch.from_numpy(a) for a in (inputs["noise"], txt_np, pooled_np))
-    tids = torch.from_numpy(np.array(img_ids))
-    ttxt_ids = torch.zeros(cfg.txt_tokens, 3)
-
-    def ref_step():
-        with torch.inference_mode():
-            ref(hidden_states=tx, encoder_hidden_states=ttxt, pooled_projections=tpooled,
-                timestep=torch.tensor([sigma]), img_ids=tids, txt_ids=ttxt_ids, guidance=torch.tensor([3.5]),
-                return_dict=False)
-
-    ours_step()
-    ref_step()  # warm-ups
-    out = {"ours_s": [], "diffusers_s": [], "ours_others_cores": [], "diffusers_others_cores": [],
-           "torch_threads": torch.get_num_threads()}
-    for _ in range(pairs):
-        for name, fn in (("ours", ours_step), ("diffusers", ref_step)):
-            with Clock() as c:
-                fn()
-            out[f"{name}_s"].append(c.s)
-            out[f"{name}_others_cores"].append(c.others / c.s if c.others is not None else None)
-    out["ratio_per_pair"] = [o / d for o, d in zip(out["ours_s"], out["diffusers_s"], strict=True)]
-    return out
-
-
 def gelu_forms() -> dict:
     """tanh-GELU as MLX computes it, and the identical x * sigmoid(2z) form; elementwise fusion."""
     h = mx.random.normal((1, 1536, 12288))
@@ -267,7 +212,6 @@ def gelu_forms() -> dict:
 EXPERIMENTS = {"elementwise": lambda a: elementwise(a.threads), "streams": lambda a: streams(),
                "quantized": lambda a: quantized(bits=8), "quantized4": lambda a: quantized(bits=4),
                "lora_interleaved": lambda a: lora_interleaved(a.weights_dir),
-               "vs_diffusers_interleaved": lambda a: vs_diffusers_interleaved(a.weights_dir, threads=a.threads),
                "gelu_forms": lambda a: gelu_forms()}
 # The interleaved ones load the `mid` transformer (minutes): on request.
 DEFAULT = ["elementwise", "gelu_forms", "streams", "quantized", "quantized4"]

@@ -26,6 +26,7 @@ from flux_1 import quantization as q
 from flux_1.components import PRECISIONS
 from flux_1.loading import folder as loader
 from flux_1.pipeline import conditioning, sampler
+from flux_1.pipeline.flux1 import StepBufferCache
 
 from . import lora as bench_lora
 from . import profile
@@ -311,7 +312,7 @@ def _transformer_stage(cfg, root, inputs, dtype, spec, ranks, txt, pooled, base:
                       "linear_calls": probe.calls, "linear_groups": probe.groups}
         if not projected:
             times, cpu, others = [], [], []
-            with Mem() as m:
+            with Mem() as m, StepBufferCache(inp0.shape[1] + cfg.txt_tokens, tr.params, dtype):  # as Flux1.denoise
                 x = x0
                 for i in range(warmup + steps):
                     with Clock() as c:

@@ -287,3 +287,79 @@ def test_cpu_dequantize_path_equals_the_fused_kernel(mode, bits):
     ours = layer(x)
     fused = nn.QuantizedLinear.__call__(layer, x)
     np.testing.assert_allclose(np.array(ours), np.array(fused), rtol=1e-4, atol=1e-4)
+
+
+# -- the CPU path: fused kernel for few rows, dequantize + GEMM above, optional dequantized cache -------------
+
+
+def _quantized_layer(in_features=256, out_features=96, bits=4, seed=0):
+    linear = nn.Linear(in_features, out_features)
+    linear.update({"weight": mx.random.normal((out_features, in_features), key=mx.random.key(seed)) * 0.1})
+    return q.to_quantized(linear, {"group_size": 64, "bits": bits, "mode": "affine"})
+
+
+@pytest.fixture
+def no_dequantized_cache():
+    q.set_dequantized_cache(0)
+    yield
+    q.set_dequantized_cache(0)
+
+
+def test_cpu_path_choice_by_rows(monkeypatch, no_dequantized_cache):
+    """Up to FUSED_MAX_ROWS rows the fused kernel runs (no dequantize); above, the weight is dequantized."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the CPU path only")
+    layer = _quantized_layer()
+    calls = []
+    real = mx.dequantize
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    few = q.FUSED_MAX_ROWS["affine"]
+    mx.eval(layer(mx.ones((1, few, 256))))
+    assert calls == []
+    mx.eval(layer(mx.ones((1, few + 1, 256))))
+    assert calls == [1]
+
+
+def test_cpu_paths_agree_and_differentiate(no_dequantized_cache):
+    """Fused (1 row), dequantize + GEMM and cached weight give the dense product of the dequantized weight,
+    and the same gradient w.r.t. the input (a trainer's frozen quantized base)."""
+    layer = _quantized_layer()
+    dense = mx.dequantize(layer["weight"], layer["scales"], layer["biases"], group_size=64, bits=4)
+
+    def reference(x):
+        return x @ dense.T + layer["bias"]
+
+    for rows in (1, 9):
+        x = mx.random.normal((rows, 256), key=mx.random.key(rows))
+        for budget in (0, 2**20):
+            q.set_dequantized_cache(budget)
+            for _ in range(2):  # the second call uses the cached weight where there is one
+                np.testing.assert_allclose(np.array(layer(x)), np.array(reference(x)), rtol=1e-5, atol=1e-5)
+                grad = mx.grad(lambda x: (layer(x) ** 2).sum())(x)
+                want = mx.grad(lambda x: (reference(x) ** 2).sum())(x)
+                np.testing.assert_allclose(np.array(grad), np.array(want), rtol=1e-4, atol=1e-4)
+            q.drop_dequantized(layer)
+
+
+def test_dequantized_cache_stays_within_budget(no_dequantized_cache):
+    import gc
+
+    a, b = _quantized_layer(seed=1), _quantized_layer(seed=2)
+    x = mx.ones((8, 256))
+    one_layer = 96 * 256 * 4  # float32
+    mx.eval(a(x), b(x))
+    assert q.dequantized_cache_bytes() == 0  # the default: -q's memory promise holds, nothing cached
+    q.set_dequantized_cache(one_layer + 100)  # room for one float copy, not two
+    first_a, first_b = a(x), b(x)
+    assert q.dequantized_cache_bytes() == one_layer
+    assert a._dequantized is not None and b._dequantized is None
+    np.testing.assert_array_equal(np.array(a(x)), np.array(first_a))  # the cached copy, the same numbers
+    np.testing.assert_array_equal(np.array(b(x)), np.array(first_b))
+    # New codes (a reload, a LoRA fuse) invalidate the copy: the output follows the new weight.
+    a.update({"weight": b["weight"], "scales": b["scales"], "biases": b["biases"], "bias": b["bias"]})
+    np.testing.assert_allclose(np.array(a(x)), np.array(first_b), rtol=1e-6, atol=1e-6)
+    q.drop_dequantized(a)
+    gc.collect()
+    assert q.dequantized_cache_bytes() == 0
+    with pytest.raises(ValueError, match="cache limit must be >= 0"):
+        q.set_dequantized_cache(-1)

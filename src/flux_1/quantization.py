@@ -23,6 +23,7 @@ full-precision model never exists: peak memory is the quantized model plus about
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -216,19 +217,97 @@ def _check_plan(model: nn.Module, plan: dict[str, dict]) -> None:
                          f"this model: {bad[:8]}{' ...' if len(bad) > 8 else ''}")
 
 
+# Rows (tokens) up to which MLX's fused CPU `quantized_matmul` beats dequantize-then-GEMM. The fused CPU
+# kernel costs a fixed time per row (3072x3072 weight: ~6.3 ms per row affine, ~2.5 ms mxfp4 / nvfp4,
+# ~12 ms mxfp8), dequantizing the whole weight a fixed time per call (~32 ms 4-bit affine, ~45 ms
+# 8-bit, ~70-85 ms mxfp4 / nvfp4, ~24 ms mxfp8); measured crossovers on a 2-core EPYC, mlx 0.32.4
+# (BENCHMARKS.md, "CPU speed (issue #14)"). The modulation layers (one row per image) fall under it.
+FUSED_MAX_ROWS = {"affine": 4, "mxfp4": 16, "nvfp4": 16, "mxfp8": 1}
+
+
+class _CacheBudget:
+    """Bytes that dequantized weights may hold resident on the CPU backend, over all layers (0: none).
+
+    `-q` promises quantized weights resident; a cached float copy breaks that promise, so only an
+    explicit `set_dequantized_cache(bytes)` allows it, and never beyond the given bytes."""
+
+    def __init__(self):
+        self.limit = 0
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+    def give_back(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
+_budget = _CacheBudget()
+
+
+def set_dequantized_cache(limit_bytes: int) -> None:
+    """Allow the CPU path of `QuantizedLinear` to keep up to `limit_bytes` of dequantized weights resident
+    (first come, first cached; 0, the default, caches nothing). Lowering the limit frees nothing already
+    cached: `drop_dequantized(model)` does."""
+    if limit_bytes < 0:
+        raise ValueError(f"the dequantized-weight cache limit must be >= 0 bytes, got {limit_bytes}")
+    _budget.limit = int(limit_bytes)
+
+
+def dequantized_cache_bytes() -> int:
+    """Bytes the dequantized weights cached now hold."""
+    return _budget.used
+
+
+def drop_dequantized(model: nn.Module) -> None:
+    """Free the dequantized weights a model's layers cached (their bytes return to the budget)."""
+    for _, m in model.named_modules():
+        if getattr(m, "_dequantized", None) is not None:
+            m._dequantized = None
+
+
+class _Dequantized:
+    """One layer's cached float weight and the codes it came from (a new weight invalidates it). A plain
+    object, not an array attribute, so it is never a parameter (never saved, never trained)."""
+
+    def __init__(self, codes: mx.array, weight: mx.array):
+        self.codes, self.weight = codes, weight
+        weakref.finalize(self, _budget.give_back, weight.nbytes)
+
+
 class QuantizedLinear(nn.QuantizedLinear):
-    """MLX's quantized linear, plus a CPU path: on the CPU backend `mx.quantized_matmul` has no fast
-    kernel, so the layer's weight is dequantized (one layer at a time, freed after use) and multiplied
-    with the float GEMM: 53x faster at FLUX shapes with OpenBLAS (1024x3072 @ 3072x3072, 4-bit: 0.20 s vs
-    10.3 s), never slower without it. GPUs keep the fused quantized kernel."""
+    """MLX's quantized linear, plus a CPU path. MLX's fused CPU `quantized_matmul` has no fast kernel (its
+    time grows by ~6 ms per row at 3072x3072), so per call: up to `FUSED_MAX_ROWS` rows (the modulation
+    layers, one row per image) it is used; above, the weight is dequantized (one layer at a time, freed
+    after use) and multiplied with the float GEMM (53x faster than the fused kernel at 1024 rows), or the
+    cached dequantized weight is used where `set_dequantized_cache` allows it. All three give the same
+    numbers within float32 rounding, and all are differentiable w.r.t. the input. GPUs keep the fused
+    kernel."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() != mx.cpu:
-            return super().__call__(x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode)
-        y = x @ w.astype(x.dtype).T
+        # Written for `self` being any module with a quantized layer's arrays and attributes: a LoRA
+        # wrapper calls this on itself (lora/layers.py), so no super() and no class-level state.
+        if mx.default_device() != mx.cpu or x.size // x.shape[-1] <= FUSED_MAX_ROWS.get(self.mode, 0):
+            return nn.QuantizedLinear.__call__(self, x)
+        y = x @ _float_weight(self, x.dtype).T
         return y + self["bias"] if "bias" in self else y
+
+
+def _float_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
+    """A quantized layer's weight in `dtype`: its cached copy if it holds a current one, else dequantized
+    now (and cached if the budget has room)."""
+    cached = getattr(layer, "_dequantized", None)
+    if cached is not None and cached.codes is layer["weight"] and cached.weight.dtype == dtype:
+        return cached.weight
+    w = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
+                      bits=layer.bits, mode=layer.mode).astype(dtype)
+    layer._dequantized = None  # a stale copy goes back to the budget before a new one is taken
+    if _budget.take(w.nbytes):
+        layer._dequantized = _Dequantized(layer["weight"], w)
+    return w
 
 
 def to_quantized(module: nn.Module, how: dict) -> nn.Module:

@@ -9,10 +9,12 @@ text encoders freed after encoding (`low_memory`). Each image is written atomica
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 import warnings
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from ..components import PRECISIONS
 from ..lora import lora_strengths
+from ..parallel import DEFAULT_TIMEOUT
 from ..pipeline.flux1 import MAX_SIDE, MAX_STEPS, Config, check_prompt
 from ..pipeline.variants import VARIANTS
 from ..quantization import CHOICES
@@ -30,6 +33,7 @@ QUANTIZE_CHOICES = CHOICES
 DEFAULT_OUTPUT = "flux_{seed}.png"
 OUTPUT_FIELDS = ("seed", "model", "steps")
 MAX_SEED = 2**64 - 1
+EXIT_STOPPED = 143  # 128 + SIGTERM
 
 
 def parse_quantize(text: str) -> int | str:
@@ -133,7 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "Existing files are never overwritten: _1, _2, ... is added")
     p.add_argument("--metadata", action="store_true",
                    help="also write the metadata as a .json file beside each image")
+    add_parallel_arguments(p)
     return p
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", choices=("tensor", "data"),
+                   help="under mlx.launch: 'tensor' splits the transformer over the processes (one image at a time, "
+                   "each holding about 1/N of it; rank 0 writes the images), 'data' deals the seeds over them "
+                   "(each process holds the whole model and writes its own images)")
+    p.add_argument("--parallel-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"with --parallel: stop when the other processes do not answer for S seconds (while "
+                   f"connecting, or within one denoising step; default {DEFAULT_TIMEOUT:g})")
 
 
 # -- checks before loading -----------------------------------------------------------------------------
@@ -278,6 +293,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not 0 <= seed <= MAX_SEED:
             parser.error(f"--seed {seed} is out of range: seeds are 0 to 2**64-1")
     check_lora_args(parser, args)
+    timeout = getattr(args, "parallel_timeout", None)  # compare.py shares these checks, not the flag
+    if timeout is not None and (not math.isfinite(timeout) or timeout <= 0):
+        parser.error(f"--parallel-timeout must be a positive number of seconds, got {timeout}")
 
 
 def make_config(args: argparse.Namespace) -> Config:
@@ -354,31 +372,89 @@ def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def generate(args: argparse.Namespace, config: Config, template: str) -> list[Path]:
+def stopped(rank: int, size: int, *_) -> None:
+    """SIGTERM under a launcher: mlx.launch stops the other ranks this way when one fails. One line, and
+    out at once (Python's own unwinding would print noise from threads blocked in a collective)."""
+    print(f"error: rank {rank} of {size}: stopped by the launcher (another rank failed); no image written",
+          file=sys.stderr, flush=True)
+    os._exit(EXIT_STOPPED)
+
+
+def join_group(args: argparse.Namespace):
+    """(group, watchdog) under a launcher with --parallel; (None, None) in a plain run, where nothing
+    distributed is touched. A launched run without --parallel, or --parallel without a launcher, is
+    refused (N copies of one run would each write the same images)."""
+    from ..parallel import Watchdog, launched, world
+
+    if not launched():
+        if args.parallel:
+            raise CLIError(f"--parallel {args.parallel} needs several processes: start it with mlx.launch, e.g. "
+                           f"mlx.launch -n 2 --backend ring -- flux1-generate --parallel {args.parallel} ...")
+        return None, None
+    rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
+    watchdog = Watchdog(rank, 0, args.parallel_timeout)  # armed: joining blocks while a rank is missing
+    group = world()
+    watchdog.pause()
+    if group is None:  # a launcher with one process: a plain run
+        watchdog.stop()
+        return None, None
+    watchdog.rank, watchdog.size = group.rank(), group.size()
+    signal.signal(signal.SIGTERM, functools.partial(stopped, group.rank(), group.size()))
+    if not args.parallel:
+        watchdog.stop()
+        raise CLIError(f"this is one of {group.size()} processes started by a launcher: pass --parallel tensor "
+                       "(split the model) or --parallel data (split the seeds)")
+    return group, watchdog
+
+
+def generate(args: argparse.Namespace, config: Config, template: str, group=None, watchdog=None) -> list[Path]:
     import mlx.core as mx
 
     from ..pipeline.flux1 import Flux1
 
-    if args.path is None:
+    main_rank = group is None or group.rank() == 0  # prints and, tensor-parallel, writes the images
+    seeds = args.seed
+    if group is not None and args.parallel == "data":
+        from ..parallel.data import my_seeds
+
+        seeds = my_seeds(args.seed, group.rank(), group.size())
+        print(f"rank {group.rank()} of {group.size()}: seeds {' '.join(map(str, seeds)) or '(none)'}")
+        main_rank = True  # each rank writes its own images
+        group = None  # the whole model in each process
+        if not seeds:
+            return []
+    if args.path is None and main_rank:
         print(f"Loading {VARIANTS[args.model].repo_id} (Hugging Face cache)")
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     flux = Flux1.from_alias(args.model, path=args.path, quantize=args.quantize,
                             lora_paths=args.lora_paths or None, lora_scales=args.lora_scales,
                             precision=args.precision, low_memory=True,
-                            transformer_gguf=args.transformer_gguf, t5_gguf=args.t5_gguf)
-    if args.verbose:
+                            transformer_gguf=args.transformer_gguf, t5_gguf=args.t5_gguf, group=group,
+                            progress=main_rank)
+    if group is not None and watchdog is not None:
+        def step(done: int, steps: int) -> None:
+            if done < steps:
+                watchdog.kick(f"waiting for denoising step {done + 1} of {steps}")
+            else:
+                watchdog.pause()
+
+        flux.step_hook = step
+    if args.verbose and main_rank:
         print(f"load: {time.perf_counter() - t0:.2f} s, peak memory {format_bytes(mx.get_peak_memory())}")
         if flux.gguf_files:
             print_gguf(flux.gguf_files)
 
     steps = config.num_inference_steps or flux.variant.default_steps
     written = []
-    for seed in args.seed:
-        print(f"Generating with seed {seed}")
+    for seed in seeds:
+        if main_rank:
+            print(f"Generating with seed {seed}")
         mx.reset_peak_memory()
         with flag_names():
-            image = flux.generate_image(seed=seed, prompt=args.prompt, config=config)
+            image = flux.generate_image(seed=seed, prompt=args.prompt, config=config, progress=main_rank)
+        if not main_rank:
+            continue
         if args.verbose:
             stages = ", ".join(f"{name.replace('_', ' ')}: {t:.2f} s" for name, t in image.timings.items())
             print(f"{stages}, peak memory {format_bytes(mx.get_peak_memory())}")
@@ -404,18 +480,31 @@ def main(argv: list[str] | None = None) -> None:
     except CLIError as e:
         parser.error(str(e))
     with user_errors():
-        if args.verbose:
+        if args.verbose and os.environ.get("MLX_RANK", "0") == "0":  # launched: rank 0 speaks for all
             print_backend()
         check_output_folder(Path(template.format(seed=args.seed[0], model=args.model, steps=args.steps or 0)))
         config = make_config(args)
         gguf_files = resolve_gguf_args(args)
+        if args.parallel == "tensor" and "transformer" in gguf_files:
+            raise CLIError("--parallel tensor does not load a GGUF transformer: use its safetensors folder, or "
+                           "--parallel data")
         if args.path is not None:
             check_model_folder(args.path, gguf_files)
         widened = check_lora_files(args.lora_paths, args.lora_scales, args.model, args.path, args.precision,
                                    gguf_files)
         check_inputs(config, args.model, widened or model_in_channels(args.model, args.path, gguf_files),
                      bool(args.lora_paths), args.precision)
-        generate(args, config, template)
+        group, watchdog = join_group(args)
+        try:
+            generate(args, config, template, group, watchdog)
+        except RuntimeError as e:
+            if group is None or "[ring]" not in str(e) and "connection" not in str(e):
+                raise
+            raise CLIError(f"rank {group.rank()} of {group.size()}: lost another rank ({e}); stopping, "
+                           "no image written") from None
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
 
 
 if __name__ == "__main__":

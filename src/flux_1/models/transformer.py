@@ -193,8 +193,23 @@ class SelfAttention(nn.Module):
         return q, k, qkv[2]
 
 
-class Modulation(nn.Module):
+class ShardedSum:
+    """Where a tensor-parallel block sums its ranks' partial outputs (after proj, mlp.2, linear2, and
+    the modulation's lin).
+
+    `all_reduce` is None in one process (nothing happens); flux_1.parallel.tensor sets it to an
+    mx.distributed.all_sum over its group when the block's linears are sharded."""
+
+    all_reduce = None
+
+    def reduce(self, x: mx.array) -> mx.array:
+        return x if self.all_reduce is None else self.all_reduce(x)
+
+
+class Modulation(nn.Module, ShardedSum):
     """adaLN: shift, scale and gate per sub-layer from the conditioning vector."""
+
+    columns = None  # tensor parallel: the slice of the input features this rank's `lin` takes
 
     def __init__(self, dim: int, chunks: int):
         super().__init__()
@@ -202,7 +217,10 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, chunks * dim)
 
     def __call__(self, vec: mx.array) -> list[mx.array]:
-        out = self.lin(nn.silu(vec))[:, None, :]  # (B, 1, chunks*D)
+        h = nn.silu(vec)
+        if self.columns is not None:
+            h = h[:, self.columns]
+        out = self.reduce(self.lin(h))[:, None, :]  # (B, 1, chunks*D)
         return mx.split(out, self.chunks, axis=-1)
 
 
@@ -242,7 +260,7 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), GELUTanh(), nn.Linear(hidden, dim))
 
 
-class DoubleStreamBlock(nn.Module):
+class DoubleStreamBlock(nn.Module, ShardedSum):
     """Image and text streams with their own weights, attending jointly over [text, image]."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
@@ -267,19 +285,20 @@ class DoubleStreamBlock(nn.Module):
         L = txt.shape[1]
         txt_attn, img_attn = attn[:, :L], attn[:, L:]
 
-        img = img + i_gate1 * self.img_attn.proj(img_attn)
-        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
-        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
+        img = img + i_gate1 * self.reduce(self.img_attn.proj(img_attn))
+        img = img + i_gate2 * self.reduce(self.img_mlp(modulate(img, i_shift2, i_scale2)))
+        txt = txt + t_gate1 * self.reduce(self.txt_attn.proj(txt_attn))
+        txt = txt + t_gate2 * self.reduce(self.txt_mlp(modulate(txt, t_shift2, t_scale2)))
         return img, txt
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(nn.Module, ShardedSum):
     """One stream over [text, image]; attention and MLP run in parallel from one fused matmul."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads = num_heads  # this rank's heads when tensor-parallel
+        self.head_dim = dim // num_heads
         self.linear1 = nn.Linear(dim, 3 * dim + mlp_hidden)  # q | k | v | mlp
         self.linear2 = nn.Linear(dim + mlp_hidden, dim)  # attn | gelu(mlp) -> out
         self.norm = QKNorm(dim // num_heads)
@@ -287,13 +306,14 @@ class SingleStreamBlock(nn.Module):
 
     def __call__(self, x: mx.array, vec: mx.array, pe) -> mx.array:
         shift, scale, gate = self.modulation(vec)
-        B, S, D = x.shape
+        B, S, _ = x.shape
         h = self.linear1(modulate(x, shift, scale))
-        qkv, mlp = h[..., : 3 * D], h[..., 3 * D :]
+        width = 3 * self.num_heads * self.head_dim  # not 3 * D: sharded, a rank holds only its heads
+        qkv, mlp = h[..., :width], h[..., width:]
         qkv = qkv.reshape(B, S, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k = self.norm(qkv[0], qkv[1])
         attn = attention(q, k, qkv[2], pe)
-        out = self.linear2(mx.concatenate([attn, gelu_tanh(mlp)], axis=-1))
+        out = self.reduce(self.linear2(mx.concatenate([attn, gelu_tanh(mlp)], axis=-1)))
         return x + gate * out
 
 
@@ -309,6 +329,9 @@ class LastLayer(nn.Module):
 
 
 class FluxTransformer(nn.Module):
+    # Training: recompute each block's activations in the backward pass instead of keeping them.
+    grad_checkpoint = False
+
     def __init__(self, params: FluxParams):
         super().__init__()
         p = self.params = params
@@ -360,10 +383,11 @@ class FluxTransformer(nn.Module):
             pe = self.position_embedding(img_ids, txt_ids)
         img = self.img_in(img)
         txt = self.txt_in(txt.astype(dtype))
+        run = nn.utils.checkpoint if self.grad_checkpoint else lambda block: block
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+            img, txt = run(block)(img, txt, vec, pe)
         L = txt.shape[1]
         x = mx.concatenate([txt, img], axis=1)
         for block in self.single_blocks:
-            x = block(x, vec, pe)
+            x = run(block)(x, vec, pe)
         return self.final_layer(x[:, L:], vec)

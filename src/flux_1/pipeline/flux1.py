@@ -120,6 +120,31 @@ def estimate_memory(height: int, width: int, dtype: mx.Dtype, params: FluxParams
     return {"transformer": transformer, "vae decode": vae}
 
 
+class StepBufferCache:
+    """MLX's CPU buffer cache keeps 32 MiB by default: every larger buffer a step frees goes back to the OS,
+    and the next step page-faults it in again (12-40k minor faults per step of the `slice` bench; none with
+    a larger cache: BENCHMARKS.md). While denoising on the CPU the cache may hold one step's estimated
+    activations (`estimate_memory`'s transformer figure): buffers a step allocates anyway, so the process
+    holds no more than the step's own peak. Restored, and emptied, afterwards."""
+
+    def __init__(self, tokens: int, params: FluxParams, dtype: mx.Dtype):
+        per_token = (12 * params.hidden_size + 3 * params.mlp_hidden) * dtype.size
+        self.limit = tokens * per_token + params.num_heads * tokens * tokens * 4
+        self.previous = None
+
+    def __enter__(self):
+        if mx.default_device() == mx.cpu:
+            self.previous = mx.set_cache_limit(self.limit)
+            if self.previous > self.limit:  # never lower than it was
+                mx.set_cache_limit(self.previous)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            mx.set_cache_limit(self.previous)
+            mx.clear_cache()
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
@@ -412,10 +437,15 @@ class Flux1:
                  quantize: int | str | None = None, low_memory: bool = True,
                  lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
                  lora_merge: bool = True, progress: bool = True,
-                 transformer_gguf: str | Path | None = None, t5_gguf: str | Path | None = None):
+                 transformer_gguf: str | Path | None = None, t5_gguf: str | Path | None = None,
+                 group: mx.distributed.Group | None = None):
         from ..loading.gguf import resolve_files
 
         precision = precision or default_precision()
+        # Tensor parallel (flux_1.parallel): this rank holds its share of the transformer; None: one process.
+        self.group = group
+        self.reducer = None  # the sharded blocks' all_sum, which counts what it sums
+        self.step_hook = None  # called with (step, steps) before the first denoising step and after each
         self.dtype = precision_dtype(precision)
         self.root, self.variant, self.precision = Path(root), variant, precision
         self.low_memory = low_memory
@@ -469,8 +499,16 @@ class Flux1:
         t0 = time.perf_counter()
         if self.low_memory and self.t5 is not None:  # encoders no longer needed once a prompt is cached
             self._free_text_encoders()
-        self._transformer = self._load("transformer")
-        if self.loras is not None:  # resolved at construction; the transformer part is applied now
+        if self.group is not None:
+            self._transformer = self._load_shard()
+        else:
+            self._transformer = self._load("transformer")
+        if self.loras is not None and self.group is not None:  # split with the layers they patch
+            from ..parallel.tensor import shard_loras
+
+            shard_loras(self.loras, self._transformer, self.transformer_params, self.dtype, self.group.rank(),
+                        self.group.size(), self.lora_merge)
+        elif self.loras is not None:  # resolved at construction; the transformer part is applied now
             self.loras.set_merge(self.lora_merge, self._transformer, self.clip)
         self.timings["load_transformer"] = time.perf_counter() - t0
 
@@ -481,9 +519,10 @@ class Flux1:
                    lora_paths: list[str] | None = None, lora_scales: list[float] | None = None,
                    precision: str | None = None, low_memory: bool = True, lora_merge: bool = True,
                    progress: bool = True, transformer_gguf: str | Path | None = None,
-                   t5_gguf: str | Path | None = None) -> Flux1:
+                   t5_gguf: str | Path | None = None, group: mx.distributed.Group | None = None) -> Flux1:
         """`path`: a model folder, or a transformer `.gguf` file (the other components then come from the
-        Hub); `transformer_gguf` / `t5_gguf`: GGUF files used instead of the folder's transformer / T5."""
+        Hub); `transformer_gguf` / `t5_gguf`: GGUF files used instead of the folder's transformer / T5.
+        `group` (from `flux_1.parallel.world()`, under a launcher): the transformer is tensor-parallel."""
         from ..loading.gguf import is_gguf
 
         facts = variant(alias)
@@ -506,13 +545,22 @@ class Flux1:
                 raise FileNotFoundError(f"model path {root} does not exist or is not a folder")
         return cls(root, facts, precision=precision, quantize=quantize, low_memory=low_memory,
                    lora_paths=lora_paths, lora_scales=lora_scales, lora_merge=lora_merge, progress=progress,
-                   transformer_gguf=transformer_gguf, t5_gguf=t5_gguf)
+                   transformer_gguf=transformer_gguf, t5_gguf=t5_gguf, group=group)
 
     def _shapes(self, component: str) -> dict:
         """A component's weight shapes, read off its headers once (for skeletons and checks)."""
         if component not in self._header_shapes:
             self._header_shapes[component] = component_shapes(self.root, component, self.gguf_files)
         return self._header_shapes[component]
+
+    def _load_shard(self):
+        from ..parallel.tensor import load_shard
+
+        if self.progress:
+            print(f"loading transformer (rank {self.group.rank()} of {self.group.size()}'s share)",
+                  file=sys.stderr, flush=True)
+        model, self.reducer = load_shard(self.root, self.dtype, self.quant_spec, self.group, self.gguf_files)
+        return model
 
     def _load(self, component: str):
         if self.progress:
@@ -618,6 +666,7 @@ class Flux1:
         is resolved and checked now, and the LoRAs are applied to each model when it is loaded.
         """
         scales = lora_strengths(paths, scales)
+        self._check_not_sharded()
         transformer = self._transformer if self._transformer is not None else skeleton(
             "transformer", self._shapes("transformer"), self.dtype)
         clip = self.clip if self.clip is not None else skeleton("clip", self._shapes("clip"), self.dtype)
@@ -644,6 +693,7 @@ class Flux1:
         """Change LoRA strengths without reloading anything."""
         if self.loras is None:
             raise ValueError("no LoRA is applied")
+        self._check_not_sharded()
         scales = lora_strengths(list(self.loras.entries), scales)
         transformer = self._transformer
         if transformer is None and not self.loras.merge:
@@ -655,6 +705,11 @@ class Flux1:
         self.loras.set_scales(scales, transformer, self.clip)
         if self.loras.touches_text_encoder():
             self._prompt_cache.clear()
+
+    def _check_not_sharded(self) -> None:
+        if self.group is not None and self._transformer is not None:
+            raise ValueError("LoRAs cannot change on a loaded tensor-parallel transformer: give them to a new "
+                             "Flux1 (lora_paths, lora_scales)")
 
     def lora_info(self) -> list[dict]:
         live = self.loras.info() if self.loras is not None else []
@@ -866,10 +921,21 @@ class Flux1:
                 progress: bool = True) -> mx.array:
         """Euler steps from sigmas[0] to sigmas[-1]; the conditioning joins the latents at every step."""
         steps = len(sigmas) - 1
-        n = x.shape[1]
+        if self.group is not None:  # every rank feeds its share of the transformer the same inputs
+            from ..parallel import from_main
+
+            x, txt, pooled = from_main([x, txt, pooled], self.group)
         _, ids = cond.model_input(x, img_ids)
         txt_ids = sampler.text_ids(txt.shape[1])
         pe = self.transformer.position_embedding(ids, txt_ids)
+        if self.step_hook is not None:
+            self.step_hook(0, steps)
+        tokens = ids.shape[0] + txt_ids.shape[0]
+        with StepBufferCache(tokens, self.transformer.params, x.dtype):
+            return self._euler_steps(x, txt, pooled, sigmas, guidance, cond, img_ids, ids, txt_ids, pe, progress)
+
+    def _euler_steps(self, x, txt, pooled, sigmas, guidance, cond, img_ids, ids, txt_ids, pe, progress) -> mx.array:
+        steps, n = len(sigmas) - 1, x.shape[1]
         for i in tqdm(range(steps), desc="denoising", disable=not progress):
             t = mx.array([float(sigmas[i])], dtype=mx.float32)
             inp, _ = cond.model_input(x, img_ids)
@@ -879,6 +945,8 @@ class Flux1:
             x = sampler.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
             finite = mx.isfinite(x).all()
             mx.eval(x, finite)  # once per step: progress and timings are real; the check rides along
+            if self.step_hook is not None:
+                self.step_hook(i + 1, steps)
             if not finite.item():
                 what = "NaN" if mx.isnan(x).any().item() else "infinite"
                 raise NonFiniteError(

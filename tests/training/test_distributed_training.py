@@ -1,0 +1,71 @@
+"""Data-parallel training (#13): two local ranks over the ring backend (loopback) train the same adapters as
+one process with the same global batch.
+
+The two runs are not bitwise equal: one process sums the gradients of a batch of 2 inside one backward pass,
+two ranks each take 1 sample and average with all_sum, so float32 additions happen in another order (about
+1e-7 relative on the gradients). Adam divides by sqrt(v), which turns these into slightly larger, still tiny,
+differences of the factors after a few steps: we compare with atol 1e-4 (the factors are about 0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from flux_1.training.trainer import TrainConfig, train
+from tests.training.tiny_runs import tiny_settings, write_images
+
+SCRIPT = Path(__file__).with_name("dp_train_script.py")
+SETTINGS = {"grad_accum": 2, "steps": 2, "save_every": 1}
+
+
+def launcher() -> list[str]:
+    found = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
+    if not Path(found).exists():
+        pytest.skip("mlx.launch is not installed")
+    return [found]
+
+
+def test_two_ranks_train_as_one_process(tiny_schnell, tmp_path):
+    data = write_images(tmp_path / "data", sizes=((64, 64), (64, 64)))
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(TrainConfig(**tiny_settings(data, one, tiny_schnell, **{**SETTINGS, "batch_size": 2})))
+    shutil.copytree(one / "cache", two / "cache")  # the ranks find every latent and embedding cached
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
+    proc = subprocess.run([*launcher(), "-n", "2", "--backend", "ring", "--python", sys.executable, str(SCRIPT),
+                           str(tiny_schnell), str(data), str(two), "2", json.dumps(SETTINGS)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    if proc.returncode != 0 and "Address already in use" in proc.stderr:
+        pytest.skip("the ring backend's loopback port is taken")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    state = json.loads((two / "checkpoints" / "step_2" / "state.json").read_text())
+    assert state["world_size"] == 2
+    ours, theirs = mx.load(str(one / "lora.safetensors")), mx.load(str(two / "lora.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_allclose(np.array(theirs[key]), np.array(ours[key]), atol=1e-4, rtol=0, err_msg=key)
+    losses = [[json.loads(line)["loss"] for line in (o / "log.jsonl").read_text().splitlines()] for o in (one, two)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    # Rank 0 alone wrote the outputs: one log line per step, one checkpoint per save.
+    assert len(losses[1]) == 2 and sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_1", "step_2"]
+
+
+def test_a_single_process_never_initialises_distributed(monkeypatch):
+    from flux_1.training import trainer
+
+    for name in trainer.LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(mx.distributed, "init", lambda *a, **k: pytest.fail("mx.distributed.init was called"))
+    ranks = trainer.Ranks.from_environment()
+    assert (ranks.rank, ranks.size, ranks.group) == (0, 1, None)
+    grads = {"a": [mx.ones((2,))]}
+    assert ranks.average(grads) is grads  # nothing is summed, nothing copied
