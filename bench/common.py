@@ -203,3 +203,21 @@ def ours_blas() -> dict:
     return {"blas": blas_info(), "blas_provider": {SYMBOL: provider}, "blas_threads": openblas_threads(provider),
             "openblas_num_threads_env": os.environ.get("OPENBLAS_NUM_THREADS"),
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS")}
+
+
+def free_ports(count: int = 2) -> int:
+    """The first of `count` consecutive free local ports (the ring backend takes one per rank): concurrent
+    launches must not meet on mlx.launch's default port."""
+    import random
+    import socket
+
+    for _ in range(100):
+        first = random.randrange(20_000, 60_000)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no free local ports")

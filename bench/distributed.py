@@ -123,23 +123,9 @@ def worker_link(mib: int = 64, repeats: int = 5) -> dict:
 # -- driver ---------------------------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> int:
-    """A first port of `count` consecutive free local ones (not mlx.launch's default, which may be taken)."""
-    import random
-    import socket
-
-    while True:
-        first = random.randrange(20_000, 60_000)
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-
-
 def launch(*args: str, ranks: int = 2) -> dict:
+    from bench.common import free_ports
+
     launcher = Path(sys.executable).parent / "mlx.launch"
     cmd = [str(launcher), "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_ports(ranks)),
            "--python", sys.executable, "--", "-m", "bench.distributed", *args]

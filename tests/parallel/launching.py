@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bench.common import free_ports  # noqa: F401  (tests take it from here too)
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 240  # s: a hung test run ends, whatever happens to the ranks
@@ -20,21 +20,6 @@ def launcher() -> Path:
     if not path.exists():
         pytest.skip("mlx.launch is not installed beside this Python")
     return path
-
-
-def free_ports(count: int = 2) -> int:
-    """A first port of `count` consecutive free ones (the ring backend takes one per rank): concurrent
-    test runs must not meet on mlx.launch's default port."""
-    for _ in range(100):
-        first = random.randrange(20_000, 60_000)
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-    raise RuntimeError("no free local ports")
 
 
 def launch(*command: str, ranks: int = 2, timeout: float = LAUNCH_TIMEOUT, env: dict | None = None

@@ -9,10 +9,7 @@ differences of the factors after a few steps: we compare with atol 1e-4 (the fac
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,17 +17,11 @@ import numpy as np
 import pytest
 
 from flux_1.training.trainer import TrainConfig, train
+from tests.parallel.launching import launch
 from tests.training.tiny_runs import tiny_settings, write_images
 
 SCRIPT = Path(__file__).with_name("dp_train_script.py")
 SETTINGS = {"grad_accum": 2, "steps": 2, "save_every": 1}
-
-
-def launcher() -> list[str]:
-    found = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
-    if not Path(found).exists():
-        pytest.skip("mlx.launch is not installed")
-    return [found]
 
 
 def test_two_ranks_train_as_one_process(tiny_schnell, tmp_path):
@@ -39,12 +30,7 @@ def test_two_ranks_train_as_one_process(tiny_schnell, tmp_path):
     train(TrainConfig(**tiny_settings(data, one, tiny_schnell, **{**SETTINGS, "batch_size": 2})))
     shutil.copytree(one / "cache", two / "cache")  # the ranks find every latent and embedding cached
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
-    proc = subprocess.run([*launcher(), "-n", "2", "--backend", "ring", "--python", sys.executable, str(SCRIPT),
-                           str(tiny_schnell), str(data), str(two), "2", json.dumps(SETTINGS)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    if proc.returncode != 0 and "Address already in use" in proc.stderr:
-        pytest.skip("the ring backend's loopback port is taken")
+    proc = launch(str(SCRIPT), str(tiny_schnell), str(data), str(two), "2", json.dumps(SETTINGS), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     state = json.loads((two / "checkpoints" / "step_2" / "state.json").read_text())
