@@ -18,7 +18,11 @@ load average before and after); compare variants within one experiment, not acro
   committed at HEAD (git), alternated on the same weights;
 - `vae_upsample`: the decoder's nearest 2x + 3x3 conv upsamplers, upsampled copy then conv vs the upsample
   folded into the conv (4 phases of 2x2 taps on the low-resolution input), each upsampler alone and the
-  whole 256x256 decode.
+  whole 256x256 decode;
+- `vae_conv`: one 3x3 conv at each of the decoder's shapes (256x256 decode), the ways of summing its 9 taps:
+  `conv3x3_valid` (9 GEMMs accumulated by `addmm`, BLAS beta=1), the same with separate adds, one wide GEMM
+  C -> 9*O then 8 shifted adds, three GEMMs with K = 3C on a copy holding the 3 column shifts side by side;
+  and one of the 9 tap GEMMs alone (the GEMM's own rate at that shape).
 """
 
 from __future__ import annotations
@@ -259,8 +263,77 @@ def vae_upsample(rounds: int, size: int = 256) -> dict:
     return out
 
 
+def vae_conv(rounds: int, size: int = 256) -> dict:
+    """How a 3x3 conv (padded input (1, h+2, w+2, C), weight (O, 3, 3, C)) sums its 9 taps, at the decoder's
+    conv shapes in a `size` x `size` decode: seconds (min, median), GFLOP/s of the whole conv, and the max abs
+    difference from `conv3x3_valid`."""
+    from flux_1.models import vae
+
+    def taps_of(x, weight):
+        _, hp, wp, C = x.shape
+        return x.reshape(-1, C), (hp - 2) * wp - 2, wp, weight.transpose(1, 2, 3, 0)
+
+    def crop(out, x):
+        _, hp, wp, _ = x.shape
+        return mx.pad(out, [(0, 2), (0, 0)]).reshape(1, hp - 2, wp, -1)[:, :, : wp - 2]
+
+    def separate_adds(x, weight):
+        rows, n, wp, taps = taps_of(x, weight)
+        out = rows[:n] @ taps[0, 0]
+        for i, j in ((i, j) for i in range(3) for j in range(3) if i or j):
+            out = out + rows[i * wp + j : i * wp + j + n] @ taps[i, j]
+        return crop(out, x)
+
+    def wide_gemm(x, weight):
+        _, hp, wp, C = x.shape
+        out_ch = weight.shape[0]
+        each = x.reshape(-1, C) @ weight.transpose(3, 1, 2, 0).reshape(C, 9 * out_ch)
+        each = each.reshape(1, hp, wp, 3, 3, out_ch)
+        out = each[:, : hp - 2, : wp - 2, 0, 0]
+        for i, j in ((i, j) for i in range(3) for j in range(3) if i or j):
+            out = out + each[:, i : i + hp - 2, j : j + wp - 2, i, j]
+        return out
+
+    def k3(x, weight):
+        rows, n, wp, taps = taps_of(x, weight)
+        C, out_ch = rows.shape[1], weight.shape[0]
+        m = rows.shape[0] - 2
+        side = mx.concatenate([rows[j : j + m] for j in range(3)], axis=1)  # (m, 3C): column shifts 0, 1, 2
+        taps = taps.reshape(3, 3 * C, out_ch)
+        out = side[:n] @ taps[0]
+        for i in (1, 2):
+            out = mx.addmm(out, side[i * wp : i * wp + n], taps[i])
+        return crop(out, x)
+
+    def one_tap(x, weight):
+        rows, n, _, taps = taps_of(x, weight)
+        return rows[:n] @ taps[0, 0]
+
+    side = size // 8
+    shapes = [(side, 512, 512), (2 * side, 512, 512), (4 * side, 512, 256), (4 * side, 256, 256),
+              (8 * side, 256, 128), (8 * side, 128, 128)]
+    out = {}
+    for k, (hw, C, out_ch) in enumerate(shapes):
+        x = mx.random.normal((1, hw + 2, hw + 2, C), key=mx.random.key(10 + k))
+        weight = mx.random.normal((out_ch, 3, 3, C), key=mx.random.key(20 + k)) * (1 / (9 * C) ** 0.5)
+        mx.eval(x, weight)
+        variants = {"addmm": vae.conv3x3_valid, "separate_adds": separate_adds, "wide_gemm": wide_gemm, "k3": k3}
+        reference = vae.conv3x3_valid(x, weight)
+        name = f"{hw}x{hw}_{C}to{out_ch}"
+        timed = {**variants, "one_tap": one_tap}
+        timings = alternate({v: (lambda f=f, x=x, w=weight: f(x, w)) for v, f in timed.items()}, rounds)
+        gflop = 2 * hw * hw * C * out_ch * 9 / 1e9
+        for v, t in timings.items():
+            work = gflop / 9 if v == "one_tap" else gflop
+            out[f"{name}_{v}"] = {**t, "gflop_per_s": round(work / t["min_s"], 1)}
+        for v, f in variants.items():
+            out[f"{name}_{v}_max_abs_diff"] = mx.abs(f(x, weight) - reference).max().item()
+    return out
+
+
 EXPERIMENTS = {"quantized_rows": quantized_rows, "quantized_step": quantized_step, "cache_limit": cache_limit,
-               "streams": streams, "vae_decode": vae_decode, "vae_upsample": vae_upsample}
+               "streams": streams, "vae_decode": vae_decode, "vae_upsample": vae_upsample,
+               "vae_conv": vae_conv}
 
 
 def main(argv=None) -> None:
