@@ -24,17 +24,23 @@ SCRIPT = Path(__file__).with_name("dp_train_script.py")
 SETTINGS = {"grad_accum": 2, "steps": 2, "save_every": 1}
 
 
-def test_two_ranks_train_as_one_process(tiny_schnell, tmp_path):
-    data = write_images(tmp_path / "data", sizes=((64, 64), (64, 64)))
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(TrainConfig(**tiny_settings(data, one, tiny_schnell, **{**SETTINGS, "batch_size": 2})))
-    shutil.copytree(one / "cache", two / "cache")  # the ranks find every latent and embedding cached
+@pytest.fixture(scope="module")
+def single(tiny_schnell, tmp_path_factory):
+    """One process, batch 2: the reference every 2-rank run (batch 1 per rank) must equal."""
+    root = tmp_path_factory.mktemp("dp")
+    data = write_images(root / "data", sizes=((64, 64), (64, 64)))
+    train(TrainConfig(**tiny_settings(data, root / "one", tiny_schnell, **{**SETTINGS, "batch_size": 2})))
+    return data, root / "one"
 
-    proc = launch(str(SCRIPT), str(tiny_schnell), str(data), str(two), "2", json.dumps(SETTINGS), timeout=300)
+
+def run_two_ranks(model, data, out: Path, steps: int, **settings) -> None:
+    overrides = json.dumps({**SETTINGS, **settings, "steps": steps})
+    args = (str(SCRIPT), str(model), str(data), str(out), str(steps), overrides)
+    proc = launch(*args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    state = json.loads((two / "checkpoints" / "step_2" / "state.json").read_text())
-    assert state["world_size"] == 2
+
+def assert_same_run(one: Path, two: Path) -> None:
     ours, theirs = mx.load(str(one / "lora.safetensors")), mx.load(str(two / "lora.safetensors"))
     assert ours.keys() == theirs.keys()
     for key in ours:
@@ -43,6 +49,27 @@ def test_two_ranks_train_as_one_process(tiny_schnell, tmp_path):
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     # Rank 0 alone wrote the outputs: one log line per step, one checkpoint per save.
     assert len(losses[1]) == 2 and sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_1", "step_2"]
+
+
+def test_two_ranks_train_as_one_process(tiny_schnell, single, tmp_path):
+    data, one = single
+    two = tmp_path / "two"
+    shutil.copytree(one / "cache", two / "cache")  # the ranks find every latent and embedding cached
+    run_two_ranks(tiny_schnell, data, two, 2)
+    state = json.loads((two / "checkpoints" / "step_2" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert_same_run(one, two)
+
+
+def test_two_ranks_resume_as_one_uninterrupted_run(tiny_schnell, single, tmp_path):
+    """Stopped after step 1, resumed to step 2 with the same 2 ranks: the single process's 2-step run."""
+    data, one = single
+    two = tmp_path / "two"
+    shutil.copytree(one / "cache", two / "cache")
+    run_two_ranks(tiny_schnell, data, two, 1)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_1"]
+    run_two_ranks(tiny_schnell, data, two, 2, resume=True)
+    assert_same_run(one, two)
 
 
 def test_a_single_process_never_initialises_distributed(monkeypatch):
