@@ -73,9 +73,10 @@ def test_two_ranks_resume_as_one_uninterrupted_run(tiny_schnell, single, tmp_pat
 
 
 def test_a_single_process_never_initialises_distributed(monkeypatch):
+    from flux_1 import parallel
     from flux_1.training import trainer
 
-    for name in trainer.LAUNCHER_VARIABLES:
+    for name in parallel.LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(mx.distributed, "init", lambda *a, **k: pytest.fail("mx.distributed.init was called"))
     ranks = trainer.Ranks.from_environment()

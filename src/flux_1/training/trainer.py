@@ -48,6 +48,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
+from ..parallel import world
 from . import data as data_mod
 from .adapters import AdapterConfig, adapter_state, attach, load_adapter_state, target_modules
 from .objective import SAMPLING_SCHEMES, loss_and_grad, sample_sigmas
@@ -55,7 +56,6 @@ from .objective import SAMPLING_SCHEMES, loss_and_grad, sample_sigmas
 LR_SCHEDULERS = ("constant", "cosine")
 SAVE_FORMATS = ("peft", "kohya")
 STATE_VERSION = 1
-LAUNCHER_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 # Settings a resumed run may change; every other one must equal the checkpoint's.
 RESUMABLE = frozenset({"data", "output", "steps", "save_every", "validate_every", "validation_prompts",
                        "validation_seeds", "validation_steps", "keep_checkpoints", "save_format", "resume",
@@ -258,14 +258,10 @@ class Ranks:
 
     @classmethod
     def from_environment(cls) -> Ranks:
-        # mlx.launch sets MLX_RANK (ring, jaccl, nccl) and mpirun OMPI_COMM_WORLD_SIZE / PMI_SIZE (mpi) for
-        # every process it starts; a plain process never touches mx.distributed.
-        if not any(name in os.environ for name in LAUNCHER_VARIABLES):
-            return cls()
-        group = mx.distributed.init()
-        if group.size() == 1:
-            return cls()
-        return cls(group.rank(), group.size(), group)
+        # The group only when a launcher (mlx.launch, mpirun) started this process and it has company: a
+        # plain process never touches mx.distributed (flux_1.parallel.world).
+        group = world()
+        return cls() if group is None else cls(group.rank(), group.size(), group)
 
     @property
     def main(self) -> bool:
