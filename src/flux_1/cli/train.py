@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train_dreambooth_lora_flux.py where the issue sets none.",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="a TOML or JSON file of settings (flags override it)")
-    p.add_argument("--model", "-m", choices=list(VARIANTS), help="the model alias (default dev)")
+    trainable = [name for name, v in VARIANTS.items() if v.conditioning == "none"]  # no image conditioning
+    p.add_argument("--model", "-m", choices=trainable, help="the model alias (default dev)")
     p.add_argument("--data", type=Path, metavar="DIR", help="the training images and captions")
     p.add_argument("--output", "-o", type=Path, metavar="OUT", help="the output folder")
     p.add_argument("--path", type=Path, metavar="MODEL",
