@@ -135,35 +135,28 @@ class Clock:
 REFERENCE_ENV = "FLUX1_BENCH_REFERENCE"  # set in the diffusers subprocess: bench/__init__ skips flux_1
 
 
-class _DlInfo(ctypes.Structure):
-    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+def _linker():
+    """flux_1/backend.py as a module of its own (it imports only the standard library): its dynamic-linker
+    lookups, without running flux_1/__init__, which would load our OpenBLAS into the reference process."""
+    import importlib.util
 
-
-def _defining_file(handle, name: str) -> str | None:
-    """The file that defines `name` as `handle` (a ctypes.CDLL) resolves it, or None."""
-    try:
-        address = ctypes.cast(getattr(handle, name), ctypes.c_void_p).value
-    except AttributeError:
-        return None
-    process = ctypes.CDLL(None)
-    try:
-        dladdr = process.dladdr
-    except AttributeError:  # glibc < 2.34 keeps dladdr in libdl
-        dladdr = ctypes.CDLL("libdl.so.2").dladdr
-    info = _DlInfo()
-    if not dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
-        return None
-    return os.fsdecode(info.dli_fname)
+    name = "_flux1_backend_linker"
+    if name not in sys.modules:
+        package = importlib.util.find_spec("flux_1")  # finds the package without importing it
+        spec = importlib.util.spec_from_file_location(
+            name, Path(package.submodule_search_locations[0]) / "backend.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def global_symbol_provider(name: str) -> str | None:
     """The file defining `name` first in the process' global scope (LD_PRELOAD, RTLD_GLOBAL libraries):
-    the definition every later-loaded library's calls to `name` bind to (same as
-    flux_1.backend.symbol_provider, without importing flux_1)."""
+    the definition every later-loaded library's calls to `name` bind to (flux_1.backend.symbol_provider)."""
     if not sys.platform.startswith("linux"):
         return None
-    return _defining_file(ctypes.CDLL(None), name)
+    return _linker().symbol_provider(name)
 
 
 def binding_of(library: str, name: str) -> str | None:
@@ -171,7 +164,7 @@ def binding_of(library: str, name: str) -> str | None:
     there is one (it wins over the library's own), else the first in the library's own dependency tree."""
     if not sys.platform.startswith("linux"):
         return None
-    return global_symbol_provider(name) or _defining_file(ctypes.CDLL(library), name)
+    return global_symbol_provider(name) or _linker().defining_file(ctypes.CDLL(library), name)
 
 
 def mapped_blas_libraries() -> list[str]:

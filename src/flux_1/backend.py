@@ -78,11 +78,16 @@ def symbol_provider(name: str = SYMBOL) -> str | None:
     it links, and libraries loaded RTLD_GLOBAL) is searched before libmlx's own bundled BLAS. Checking
     it needs no timing.
     """
-    process = ctypes.CDLL(None)
+    return defining_file(ctypes.CDLL(None), name)
+
+
+def defining_file(handle: ctypes.CDLL, name: str) -> str | None:
+    """The file that defines `name` as `handle` resolves it (dladdr of the bound address), or None."""
     try:
-        address = ctypes.cast(getattr(process, name), ctypes.c_void_p).value
+        address = ctypes.cast(getattr(handle, name), ctypes.c_void_p).value
     except AttributeError:
         return None
+    process = ctypes.CDLL(None)
     try:
         dladdr = process.dladdr
     except AttributeError:  # glibc < 2.34 keeps dladdr in libdl
