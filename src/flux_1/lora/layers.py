@@ -251,7 +251,8 @@ def _child(parent, part: str):
     return parent[int(part)] if isinstance(parent, list) else parent[part]
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at a dotted path of `root` (list items by index: `double_blocks.0.img_attn.qkv`)."""
     *parents, last = path.split(".")
     parent = root
     for part in parents:
@@ -262,7 +263,8 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
         setattr(parent, last, module)
 
 
-def _get_module(root: nn.Module, path: str) -> nn.Module:
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """The module at a dotted path of `root`."""
     m = root
     for part in path.split("."):
         m = _child(m, part)
@@ -436,7 +438,7 @@ class LoRAStack:
         norms = {(p.component, p.module) for p in patches if p.norm}
         for (component, module), entries in sorted(live.items()):
             root = models[component]
-            layer = _get_module(root, module)
+            layer = get_module(root, module)
             if (component, module) in norms:
                 _set_norm(layer, entries)
                 continue
@@ -444,10 +446,10 @@ class LoRAStack:
                 if not entries:
                     continue
                 layer = LoRALinear(layer)
-                _set_module(root, module, layer)
+                set_module(root, module, layer)
             layer.set_loras(entries, self.merge, where=f"{component} module {module}")
             if not entries:
-                _set_module(root, module, layer.unwrap())
+                set_module(root, module, layer.unwrap())
         if ("transformer", WIDENABLE) in live:
             _sync_in_channels(models["transformer"])
 
@@ -476,7 +478,7 @@ def _sync_in_channels(transformer: nn.Module) -> None:
     params = getattr(transformer, "params", None)
     if not dataclasses.is_dataclass(params) or not hasattr(params, "in_channels"):
         return
-    width = logical_shape(_get_module(transformer, WIDENABLE))[1]
+    width = logical_shape(get_module(transformer, WIDENABLE))[1]
     if params.in_channels != width:
         transformer.params = dataclasses.replace(params, in_channels=width)
 
@@ -509,7 +511,7 @@ def bake(model: nn.Module) -> int:
     LoRAStack that applied them is then stale."""
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name, layer in wrapped:
-        _set_module(model, name, layer.bake())
+        set_module(model, name, layer.bake())
     for _, m in model.named_modules():  # replaced norm weights stay: forget the model's own
         if getattr(m, "_lora_own_weight", None) is not None:
             object.__delattr__(m, "_lora_own_weight")

@@ -34,6 +34,7 @@ import numpy as np
 
 from .. import quantization as q
 from ..loading.weights import WeightLoadError, assign, read_lazy, shapes_of
+from ..lora.layers import get_module, set_module
 from ..models.transformer import FluxParams, FluxTransformer
 from . import ParallelError
 
@@ -133,18 +134,6 @@ class Reducer:
         return mx.distributed.all_sum(x, group=self.group)
 
 
-def replace(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put `module` at a dotted path (list items by index: `img_mlp.layers.0`)."""
-    *parents, last = path.split(".")
-    owner = root
-    for part in parents:
-        owner = owner[int(part)] if isinstance(owner, list) else getattr(owner, part)
-    if isinstance(owner, list):
-        owner[int(last)] = module
-    else:
-        setattr(owner, last, module)
-
-
 def shard_skeleton(model: FluxTransformer, plan: dict[str, Split], rank: int, size: int, reduce) -> None:
     """Shrink each sharded linear of a (lazy, unloaded) model to a rank's share; give each block its
     share of the heads and the reduce to call, each modulation its share of the input features."""
@@ -157,7 +146,7 @@ def shard_skeleton(model: FluxTransformer, plan: dict[str, Split], rank: int, si
     for name, split in plan.items():
         layer = modules[name]
         out, inp = local_shape(tuple(layer.weight.shape), split, size)
-        replace(model, name, nn.Linear(inp, out, bias="bias" in layer))
+        set_module(model, name, nn.Linear(inp, out, bias="bias" in layer))
     for block in model.double_blocks:
         block.img_attn.num_heads //= size
         block.txt_attn.num_heads //= size
@@ -366,7 +355,7 @@ def shard_loras(stack, transformer: FluxTransformer, params: FluxParams, dtype: 
     full-size skeleton (never evaluated: only the small factors are) and split with its layer: B's
     rows (and a dense delta's, a bias delta) for all-to-sharded, A's columns (and a dense delta's)
     for sharded-to-all, whose bias delta only rank 0 adds. Sharded layers always use the side path."""
-    from ..lora.layers import LoRALinear, SidePath, _get_module, _set_module
+    from ..lora.layers import LoRALinear, SidePath
 
     plan = shard_plan(params)
     patches = [p for e in stack.entries.values() for p in e.patches if p.component == "transformer"]
@@ -385,7 +374,7 @@ def shard_loras(stack, transformer: FluxTransformer, params: FluxParams, dtype: 
     finally:
         stack.merge = old
     for name in sorted({p.module for p in sharded}):
-        full = _get_module(skeleton, name)
+        full = get_module(skeleton, name)
         if not isinstance(full, LoRALinear):
             continue
         split, side = plan[name], full._side
@@ -398,10 +387,10 @@ def shard_loras(stack, transformer: FluxTransformer, params: FluxParams, dtype: 
             sliced = SidePath(a=None if side.a is None else take(side.a, ranges, 1), b=side.b,
                               dense=None if side.dense is None else take(side.dense, ranges, 1),
                               bias=side.bias if rank == 0 or side.bias is None else mx.zeros_like(side.bias))
-        layer = _get_module(transformer, name)
+        layer = get_module(transformer, name)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
-            _set_module(transformer, name, layer)
+            set_module(transformer, name, layer)
         object.__setattr__(layer, "_live", dict(full._live))
         layer._side = sliced
         mx.eval([x for x in (sliced.a, sliced.b, sliced.dense, sliced.bias) if x is not None])

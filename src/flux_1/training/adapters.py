@@ -37,7 +37,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from ..loading.tables import DIFFUSERS_TRANSFORMER, part_rows, source_names
-from ..lora.layers import LoRALinear, logical_shape
+from ..lora.layers import LoRALinear, logical_shape, set_module
 
 TARGET_SETS = ("attention", "all")
 ATTENTION_SUFFIXES = ("to_k", "to_q", "to_v", "to_out.0")  # PEFT suffix match, as diffusers' QLoRA script
@@ -221,17 +221,6 @@ def adapted_layers(transformer: nn.Module) -> list[tuple[str, AdaptedLinear]]:
     return [(name, m) for name, m in _linears(transformer) if isinstance(m, AdaptedLinear)]
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, last = path.split(".")
-    parent = root
-    for part in parents:
-        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-    if isinstance(parent, list):
-        parent[int(last)] = module
-    else:
-        setattr(parent, last, module)
-
-
 def attach(transformer: nn.Module, config: AdapterConfig, seed: int = 0) -> list[str]:
     """Freeze the transformer and give the targeted linears trainable LoRA pairs (PEFT's init: A
     kaiming-uniform, B zeros, from `seed`). Returns the diffusers module names adapted."""
@@ -244,10 +233,10 @@ def attach(transformer: nn.Module, config: AdapterConfig, seed: int = 0) -> list
     transformer.freeze()
     keys = mx.random.split(mx.random.key(seed), len(plan))
     for (module, layer, chosen), key in zip(plan, keys, strict=True):
-        _set_module(transformer, module, AdaptedLinear(layer, chosen, config.rank, config.scale, key))
+        set_module(transformer, module, AdaptedLinear(layer, chosen, config.rank, config.scale, key))
     for module, layer in _linears(transformer):  # the other quantized layers: no float copy kept either
         if "scales" in layer and not isinstance(layer, FrozenLinear):
-            _set_module(transformer, module, FrozenLinear(layer))
+            set_module(transformer, module, FrozenLinear(layer))
     mx.eval(transformer.trainable_parameters())
     return [p.name for _, _, chosen in plan for p in chosen]
 
@@ -256,7 +245,7 @@ def detach(transformer: nn.Module) -> None:
     """Put the base layers back (the adapters are dropped); the transformer stays frozen."""
     for name, layer in _linears(transformer):
         if isinstance(layer, FrozenLinear):
-            _set_module(transformer, name, layer.unwrap())
+            set_module(transformer, name, layer.unwrap())
 
 
 def adapter_state(transformer: nn.Module) -> dict[str, mx.array]:
