@@ -22,7 +22,10 @@ load average before and after); compare variants within one experiment, not acro
 - `vae_conv`: one 3x3 conv at each of the decoder's shapes (256x256 decode), the ways of summing its 9 taps:
   `conv3x3_valid` (9 GEMMs accumulated by `addmm`, BLAS beta=1), the same with separate adds, one wide GEMM
   C -> 9*O then 8 shifted adds, three GEMMs with K = 3C on a copy holding the 3 column shifts side by side;
-  and one of the 9 tap GEMMs alone (the GEMM's own rate at that shape).
+  and one of the 9 tap GEMMs alone (the GEMM's own rate at that shape);
+- `cpu_math`: MLX's exp-based tanh-GELU, GroupNorm SiLU and SDPA against models/cpu_math's forms (a
+  polynomial exp fused into the pass), at the `slice` step's and a 256x256 decode's shapes;
+- `step`: one `slice` transformer call, the working tree's transformer.py against the one at HEAD (git).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -180,21 +184,22 @@ def streams(rounds: int) -> dict:
     }, rounds)
 
 
-def _vae_at(revision: str):
-    """models/vae.py as committed at `revision` (git), imported as a module of its own: the decoder
-    before a change, to alternate with the current one on the same weights."""
+def _model_at(revision: str, name: str):
+    """models/<name>.py as committed at `revision` (git), imported as a module of its own: a model before
+    a change, to alternate with the current one on the same weights."""
     import importlib.util
     import subprocess
     import sys
     import tempfile
 
-    source = subprocess.run(["git", "show", f"{revision}:src/flux_1/models/vae.py"], capture_output=True,
+    source = subprocess.run(["git", "show", f"{revision}:src/flux_1/models/{name}.py"], capture_output=True,
                             text=True, check=True, cwd=Path(__file__).resolve().parent.parent).stdout
-    path = Path(tempfile.mkdtemp()) / "vae_before.py"
-    path.write_text(source.replace("from .shapes import", "from flux_1.models.shapes import"))
-    spec = importlib.util.spec_from_file_location("vae_before", path)
+    path = Path(tempfile.mkdtemp()) / f"{name}_before.py"
+    path.write_text(source.replace("from . import", "from flux_1.models import")
+                    .replace("from .shapes import", "from flux_1.models.shapes import"))
+    spec = importlib.util.spec_from_file_location(f"{name}_before", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["vae_before"] = module
+    sys.modules[f"{name}_before"] = module
     spec.loader.exec_module(module)
     return module
 
@@ -205,7 +210,7 @@ def vae_decode(rounds: int, size: int = 256, before: str = "HEAD") -> dict:
 
     model = vae.AutoEncoder(vae.VAEParams())
     model.update(nn.utils.tree_map(lambda p: p * 0.5, model.parameters()))
-    old = _vae_at(before).AutoEncoder(vae.VAEParams())
+    old = _model_at(before, "vae").AutoEncoder(vae.VAEParams())
     old.update(model.parameters())
     mx.eval(model.parameters())
     z = mx.random.normal((1, size // 8, size // 8, 16), key=mx.random.key(4))
@@ -331,9 +336,62 @@ def vae_conv(rounds: int, size: int = 256) -> dict:
     return out
 
 
+def cpu_math(rounds: int, tokens: int = sum(SLICE_TOKENS)) -> dict:
+    """MLX's exp-based ops against models/cpu_math's forms, at the `slice` step's shapes: the MLP's
+    tanh-GELU (tokens x 12288), a VAE norm's SiLU (256x256x128), attention (24 heads x tokens x 128)."""
+    from flux_1.models import cpu_math as fast
+    from flux_1.models.transformer import FluxParams
+
+    c1, c3 = 2 * (2 / 3.141592653589793) ** 0.5, 2 * (2 / 3.141592653589793) ** 0.5 * 0.044715
+    mlx_gelu = mx.compile(lambda x: x / (1 + mx.exp(-x * (c1 + c3 * (x * x)))))  # the form before cpu_math
+    mlx_silu = mx.compile(lambda x, a, b: (lambda y: y / (1 + mx.exp(-y)))(x * a + b))
+    p = FluxParams()
+    keys = mx.random.split(mx.random.key(0), 5)
+    hidden = mx.random.normal((1, tokens, p.mlp_hidden), key=keys[0]) * 2
+    image = mx.random.normal((1, 256, 256, 128), key=keys[1]) * 2
+    scale, shift = mx.ones((128,)), mx.zeros((128,))
+    q, k, v = (mx.random.normal((1, p.num_heads, tokens, p.head_dim), key=key) for key in keys[2:])
+    mx.eval(hidden, image, q, k, v)
+    with _cache_limit(4 * 2**30):  # as while denoising: fresh buffers would page-fault in every variant
+        out = alternate({
+            "gelu_mlx": lambda: mlx_gelu(hidden), "gelu_cpu_math": lambda: fast.gelu_tanh(hidden),
+            "silu_mlx": lambda: mlx_silu(image, scale, shift),
+            "silu_cpu_math": lambda: fast.scale_shift_silu(image, scale, shift),
+            "sdpa_mlx": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=p.head_dim**-0.5),
+            "sdpa_cpu_math": lambda: fast.attention(q, k, v, scale=p.head_dim**-0.5),
+            "attention_matmuls_only": lambda: (q @ k.swapaxes(-1, -2)) @ v,
+        }, rounds)
+    out["gelu_max_abs_diff"] = mx.abs(mlx_gelu(hidden) - fast.gelu_tanh(hidden)).max().item()
+    out["sdpa_max_abs_diff"] = mx.abs(fast.attention(q, k, v, scale=p.head_dim**-0.5)
+                                      - mx.fast.scaled_dot_product_attention(q, k, v, scale=p.head_dim**-0.5)
+                                      ).max().item()
+    return out
+
+
+def step(rounds: int, before: str = "HEAD") -> dict:
+    """One `slice` transformer call (float32): the working tree's transformer.py against `before`'s."""
+    params, model = _slice_transformer()
+    old = _model_at(before, "transformer").FluxTransformer(params)
+    old.update(model.parameters())
+    args = _slice_inputs(params)
+    with _cache_limit(4 * 2**30):
+        out = alternate({"current": lambda: model(*args), before: lambda: old(*args)}, rounds)
+    out["max_abs_diff"] = mx.abs(model(*args) - old(*args)).max().item()
+    return out
+
+
+@contextmanager
+def _cache_limit(limit: int):
+    previous = mx.set_cache_limit(limit)
+    try:
+        yield
+    finally:
+        mx.set_cache_limit(previous)
+
+
 EXPERIMENTS = {"quantized_rows": quantized_rows, "quantized_step": quantized_step, "cache_limit": cache_limit,
                "streams": streams, "vae_decode": vae_decode, "vae_upsample": vae_upsample,
-               "vae_conv": vae_conv}
+               "vae_conv": vae_conv, "cpu_math": cpu_math, "step": step}
 
 
 def main(argv=None) -> None:

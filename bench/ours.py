@@ -312,12 +312,13 @@ def _transformer_stage(cfg, root, inputs, dtype, spec, ranks, txt, pooled, base:
                       "linear_calls": probe.calls, "linear_groups": probe.groups}
         if not projected:
             times, cpu, others = [], [], []
-            with Mem() as m, StepBufferCache(inp0.shape[1] + cfg.txt_tokens, tr.params, dtype):  # as Flux1.denoise
+            with Mem() as m, StepBufferCache() as buffers:  # as Flux1.denoise
                 x = x0
                 for i in range(warmup + steps):
                     with Clock() as c:
                         x = step(x, i)
                         mx.eval(x)
+                    buffers.step_done()
                     times.append(c.s)
                     cpu.append(c.cpu)
                     others.append(c.others)
@@ -349,10 +350,11 @@ def _transformer_stage(cfg, root, inputs, dtype, spec, ranks, txt, pooled, base:
 
 def _breakdown(calls, build, step_s, dtype, sample_rows) -> dict:
     """Split a measured step: graph building (Python), linears, attention (RoPE + SDPA), the rest."""
-    lin = profile.probe_linears(calls, dtype, sample_rows)
-    attn = profile.probe_attention(calls, dtype)
-    sdpa = profile.probe_sdpa(calls, dtype) if calls.attention else 0.0
-    act = profile.probe_activations(calls, dtype)
+    with StepBufferCache():  # the probes reuse their buffers as the steps do (no fresh pages per call)
+        lin = profile.probe_linears(calls, dtype, sample_rows)
+        attn = profile.probe_attention(calls, dtype)
+        sdpa = profile.probe_sdpa(calls, dtype) if calls.attention else 0.0
+        act = profile.probe_activations(calls, dtype)
     lf, af = calls.linear_flops(), calls.attention_flops()
     other = step_s - build - lin.seconds - attn - act
     return {

@@ -193,3 +193,17 @@ def test_quiet_transformers_hides_the_pytorch_advice():
     if not _installed("torch"):  # the advice exists: plain imports print it
         loud = run_python("from transformers import CLIPTokenizer")
         assert "PyTorch was not found" in loud.stderr
+
+
+@linux_only
+@pytest.mark.skipif(not _installed("ngsolve-openblas") or not _loadable("libgfortran.so.5"),
+                    reason="needs the cpu extra's OpenBLAS wheel")
+def test_a_forced_openblas_core_type_is_reported():
+    """OPENBLAS_CORETYPE overrides OpenBLAS's CPU detection (some machine images set it): blas_info
+    names it, and says when it holds an AVX-512 CPU on AVX2 kernels."""
+    forced, _ = report(OPENBLAS_CORETYPE="Haswell")
+    assert "Haswell kernels (OPENBLAS_CORETYPE=Haswell" in forced["info"]
+    assert ("this CPU has AVX-512" in forced["info"]) == ("avx512f" in backend._cpu_flags())
+    assert forced["max_err"] < 1e-3
+    detected, _ = report(OPENBLAS_CORETYPE="")
+    assert "OPENBLAS_CORETYPE" not in detected["info"]

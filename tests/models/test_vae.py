@@ -179,9 +179,16 @@ def test_conv3x3_valid_matches_mlx_conv(batch, height, width, cin, cout):
 
     x = mx.random.normal((batch, height + 2, width + 2, cin), key=mx.random.key(7))
     w = mx.random.normal((cout, 3, 3, cin), key=mx.random.key(8))
+    b = mx.random.normal((cout,), key=mx.random.key(9))
+    reference = np.array(mx.conv2d(x, w))
     ours = vae.conv3x3_valid(x, w)
     assert ours.shape == (batch, height, width, cout)
-    np.testing.assert_allclose(np.array(ours), np.array(mx.conv2d(x, w)), rtol=1e-5, atol=2e-5 * cin**0.5)
+    np.testing.assert_allclose(np.array(ours), reference, rtol=1e-5, atol=2e-5 * cin**0.5)
+    # A spare zero row below (as Conv3x3 pads its strips) and the bias in the first GEMM: the same conv.
+    spare = mx.pad(x, [(0, 0), (0, 1), (0, 0), (0, 0)])
+    ours = vae.conv3x3_valid(spare, w, b, spare_row=True)
+    assert ours.shape == (batch, height, width, cout)
+    np.testing.assert_allclose(np.array(ours), reference + np.array(b), rtol=1e-5, atol=2e-5 * cin**0.5)
 
 
 @pytest.mark.parametrize("silu", [False, True])

@@ -4,7 +4,9 @@ one process with the same global batch.
 The two runs are not bitwise equal: one process sums the gradients of a batch of 2 inside one backward pass,
 two ranks each take 1 sample and average with all_sum, so float32 additions happen in another order (about
 1e-7 relative on the gradients). Adam divides by sqrt(v), which turns these into slightly larger, still tiny,
-differences of the factors after a few steps: we compare with atol 1e-4 (the factors are about 0.1)."""
+differences of the factors after a few steps: we compare with atol 1e-4 (the factors are about 0.1). An element
+whose gradient is within that rounding of 0 can change sign, and Adam moves it by a whole learning rate either
+way: a few such elements may differ by up to 2 lr per step, no more."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from tests.parallel.launching import launch
 from tests.training.tiny_runs import tiny_settings, write_images
 
 SCRIPT = Path(__file__).with_name("dp_train_script.py")
-SETTINGS = {"grad_accum": 2, "steps": 2, "save_every": 1}
+LR, STEPS = 1e-3, 2  # tiny_settings' learning rate
+SETTINGS = {"grad_accum": 2, "steps": STEPS, "save_every": 1, "learning_rate": LR}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,9 @@ def assert_same_run(one: Path, two: Path) -> None:
     ours, theirs = mx.load(str(one / "lora.safetensors")), mx.load(str(two / "lora.safetensors"))
     assert ours.keys() == theirs.keys()
     for key in ours:
-        np.testing.assert_allclose(np.array(theirs[key]), np.array(ours[key]), atol=1e-4, rtol=0, err_msg=key)
+        diff = np.abs(np.array(theirs[key]) - np.array(ours[key]))
+        assert diff.max() <= 2 * LR * STEPS, key
+        assert (diff > 1e-4).mean() <= 0.005, (key, np.sort(diff.ravel())[-10:])
     losses = [[json.loads(line)["loss"] for line in (o / "log.jsonl").read_text().splitlines()] for o in (one, two)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     # Rank 0 alone wrote the outputs: one log line per step, one checkpoint per save.

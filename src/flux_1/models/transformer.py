@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_math
 from .shapes import read_size
 
 
@@ -141,7 +142,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, pe: tuple[mx.array, mx.arra
     dtype = v.dtype
     q = apply_rope(q, *pe).astype(dtype)
     k = apply_rope(k, *pe).astype(dtype)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    sdpa = cpu_math.attention if cpu_math.on_cpu() else mx.fast.scaled_dot_product_attention
+    out = sdpa(q, k, v, scale=q.shape[-1] ** -0.5)
     B, H, S, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(B, S, H * d)
 
@@ -228,23 +230,11 @@ def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
     return layer_norm(x) * (1 + scale) + shift
 
 
-_GELU_C1 = 2 * math.sqrt(2 / math.pi)
-_GELU_C3 = _GELU_C1 * 0.044715
-
-
-@mx.compile
-def _gelu_tanh_as_sigmoid(x: mx.array) -> mx.array:
-    # 0.5 * (1 + tanh(z)) == sigmoid(2z), z = sqrt(2/pi) * (x + 0.044715 x^3): the same function, written
-    # as x / (1 + exp(-2z)). Large negative x: exp overflows to inf and the result is -0 (the tanh form
-    # gives 0 there after cancelling 1 + tanh(z), which this form avoids).
-    return x / (1 + mx.exp(-x * (_GELU_C1 + _GELU_C3 * (x * x))))
-
-
 def gelu_tanh(x: mx.array) -> mx.array:
-    """FLUX's GELU, the tanh approximation. On CPU as x * sigmoid(2z) (about 2x faster there, equal within
-    float32 rounding); elsewhere MLX's own `gelu_approx`, unchanged."""
-    if mx.default_device() == mx.cpu:
-        return _gelu_tanh_as_sigmoid(x)
+    """FLUX's GELU, the tanh approximation. On CPU as x * sigmoid(2z) with a fast exp (cpu_math, about 4x
+    faster there, equal within float32 rounding); elsewhere MLX's own `gelu_approx`, unchanged."""
+    if cpu_math.on_cpu():
+        return cpu_math.gelu_tanh(x)
     return nn.gelu_approx(x)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx import nn
 
+from . import cpu_math
 from .shapes import read_size
 
 
@@ -103,36 +104,44 @@ def _reporting(progress: _Progress):
         _progress.reset(token)
 
 
-def conv3x3_valid(x: mx.array, weight: mx.array) -> mx.array:
-    """Unpadded 3x3 conv: x (B, h+2, w+2, C), weight (O, 3, 3, C) -> (B, h, w, O), without MLX's im2col.
+def conv3x3_valid(x: mx.array, weight: mx.array, bias: mx.array | None = None, spare_row: bool = False) -> mx.array:
+    """Unpadded 3x3 conv: x (B, h+2, w+2, C), weight (O, 3, 3, C), optional bias (O,) -> (B, h, w, O),
+    without MLX's im2col. With `spare_row`, x carries one more (zero) row below, (B, h+3, w+2, C), that
+    the conv ignores: `Conv3x3` pads its strips so, which saves a copy of the output (below).
 
     Flattened to (pixels, C) rows, the input shifted by (i, j) is the contiguous row range starting at
-    i*(w+2) + j, so the conv is 9 GEMMs of offset views accumulated in place (`addmm`), computed on the
-    padded width and cropped: no 9x buffer, and 1.2-1.45x faster than `mx.conv2d` at the decoder's
-    shapes on CPU (BENCHMARKS.md). Where the output is much narrower than the input (the decoder's
-    conv_out, 128 -> 3), one GEMM C -> 9*O and the sum of its 9 shifted slices instead (16x faster).
-    GPUs have real conv kernels: `mx.conv2d` there."""
+    i*(w+2) + j, so the conv is 9 GEMMs of offset views accumulated in place (`addmm`, the bias riding
+    in the first), computed on the padded width and cropped: no 9x buffer, and 1.2-1.45x faster than
+    `mx.conv2d` at the decoder's shapes on CPU (BENCHMARKS.md). The last taps' ranges end 2 rows past
+    the image: inside the spare row, or else the output is computed 2 rows short and padded (a copy).
+    Where the output is much narrower than the input (the decoder's conv_out, 128 -> 3), one GEMM
+    C -> 9*O and the sum of its 9 shifted slices instead (16x faster). GPUs have real conv kernels:
+    `mx.conv2d` there."""
     if mx.default_device() != mx.cpu:
-        return mx.conv2d(x, weight)
+        out = mx.conv2d(x[:, :-1] if spare_row else x, weight)
+        return out if bias is None else out + bias
     if x.shape[0] > 1:
-        return mx.concatenate([conv3x3_valid(image[None], weight) for image in x])
+        return mx.concatenate([conv3x3_valid(image[None], weight, bias, spare_row) for image in x])
     _, hp, wp, C = x.shape
-    h, w = hp - 2, wp - 2
+    h, w = hp - 2 - int(spare_row), wp - 2
     out_channels = weight.shape[0]
     taps = weight.transpose(1, 2, 3, 0)  # (3, 3, C, O)
     if 4 * out_channels <= C:
+        x = x[:, :-1] if spare_row else x
         each = (x.reshape(-1, C) @ taps.transpose(2, 0, 1, 3).reshape(C, 9 * out_channels))
-        each = each.reshape(1, hp, wp, 3, 3, out_channels)
-        out = each[:, 0:h, 0:w, 0, 0]
+        each = each.reshape(1, h + 2, wp, 3, 3, out_channels)
+        out = each[:, 0:h, 0:w, 0, 0] if bias is None else each[:, 0:h, 0:w, 0, 0] + bias
         for i, j in ((i, j) for i in range(3) for j in range(3) if i or j):
             out = out + each[:, i : i + h, j : j + w, i, j]  # output (r, c) takes tap (i, j) of input (r+i, c+j)
         return out
     rows = x.reshape(-1, C)
-    n = h * wp - 2  # output rows on the padded width; the last two (crop columns) would run past the end
-    out = rows[:n] @ taps[0, 0]
+    n = h * wp if spare_row else h * wp - 2  # output rows on the padded width (crop columns included)
+    out = rows[:n] @ taps[0, 0] if bias is None else mx.addmm(bias, rows[:n], taps[0, 0])
     for i, j in ((i, j) for i in range(3) for j in range(3) if i or j):
         out = mx.addmm(out, rows[i * wp + j : i * wp + j + n], taps[i, j])
-    return mx.pad(out, [(0, 2), (0, 0)]).reshape(1, h, wp, out_channels)[:, :, :w]
+    if not spare_row:
+        out = mx.pad(out, [(0, 2), (0, 0)])
+    return out.reshape(1, h, wp, out_channels)[:, :, :w]
 
 
 # Nearest 2x then a 3x3 conv, seen from the low-resolution input: output row 2a+s reads upsampled rows
@@ -151,19 +160,21 @@ def fold_upsample_weight(weight: mx.array) -> mx.array:
     return w.transpose(2, 0, 3, 1, 5, 4).astype(weight.dtype)  # (s, t, d, e, C, O)
 
 
-def upsample2x_conv3x3_valid(x: mx.array, folded: mx.array, bias: mx.array | None = None) -> mx.array:
+def upsample2x_conv3x3_valid(x: mx.array, folded: mx.array, bias: mx.array | None = None,
+                             spare_row: bool = False) -> mx.array:
     """`conv3x3_valid` of the nearest-2x upsample, without making the upsample: x (B, h+2, w+2, C), the
     low-resolution input zero padded by one (zero padding of the upsampled image is the same thing),
-    `folded` from `fold_upsample_weight`, optional `bias` (O,) -> (B, 2h, 2w, O).
+    `folded` from `fold_upsample_weight`, optional `bias` (O,) -> (B, 2h, 2w, O). `spare_row`: x carries
+    one more zero row below, as in `conv3x3_valid`.
 
     Each output phase (s, t) is a 2x2 conv on x: 4 offset GEMMs as in `conv3x3_valid`, 16 in all on h*w
     pixels, against 9 on the 4*h*w upsampled ones (2.25x fewer FLOPs), then one interleaving write."""
     if x.shape[0] > 1:
-        return mx.concatenate([upsample2x_conv3x3_valid(image[None], folded, bias) for image in x])
+        return mx.concatenate([upsample2x_conv3x3_valid(image[None], folded, bias, spare_row) for image in x])
     _, hp, wp, C = x.shape
-    h, w = hp - 2, wp - 2
-    n = h * wp  # output rows on the padded width; the last two read 2 pixels past the end: padded below
-    rows = mx.pad(x.reshape(-1, C), [(0, 2), (0, 0)])
+    h, w = hp - 2 - int(spare_row), wp - 2
+    n = h * wp  # output rows on the padded width; the last two read 2 pixels past the image
+    rows = x.reshape(-1, C) if spare_row else mx.pad(x.reshape(-1, C), [(0, 2), (0, 0)])
     phases = []
     for s in range(2):
         for t in range(2):
@@ -208,7 +219,7 @@ class Conv3x3(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         rows = max(1, STRIP_BYTES // (9 * B * W * C * x.dtype.size))
-        return self._in_strips(x, rows, 1, lambda strip: conv3x3_valid(strip, self.weight) + self.bias)
+        return self._in_strips(x, rows, 1, lambda strip: conv3x3_valid(strip, self.weight, self.bias, True))
 
     def upsampled(self, x: mx.array) -> mx.array:
         """self(upsample_nearest2x(x)): on the CPU without the upsampled copy (`upsample2x_conv3x3_valid`),
@@ -219,11 +230,12 @@ class Conv3x3(nn.Conv2d):
         B, H, W, C = x.shape
         rows = max(1, STRIP_BYTES // (9 * B * 2 * W * C * x.dtype.size) // 2)
         folded = fold_upsample_weight(self.weight)
-        return self._in_strips(x, rows, 2, lambda strip: upsample2x_conv3x3_valid(strip, folded, self.bias))
+        return self._in_strips(x, rows, 2, lambda strip: upsample2x_conv3x3_valid(strip, folded, self.bias, True))
 
     def _in_strips(self, x: mx.array, rows: int, scale: int, conv: Callable[[mx.array], mx.array]) -> mx.array:
         """`conv` (a valid conv with bias, output `scale` x its input's size less the border) over strips of
-        `rows` input rows, each zero padded by one at the image border and with one halo row elsewhere."""
+        `rows` input rows, each zero padded by one at the image border and with one halo row elsewhere, and
+        one spare zero row below (the convs' `spare_row`)."""
         B, H, W, C = x.shape
         progress = _progress.get()
         if progress is not None and progress.counting:  # shapes only: nothing is computed
@@ -233,7 +245,7 @@ class Conv3x3(nn.Conv2d):
         for top in range(0, H, rows):
             bottom = min(top + rows, H)
             strip = x[:, max(top - 1, 0) : min(bottom + 1, H)]  # with the halo rows that exist
-            pad_rows = (int(top == 0), int(bottom == H))  # zero padding only at the image border
+            pad_rows = (int(top == 0), int(bottom == H) + 1)  # zero padding at the image border; spare row
             strip = mx.pad(strip, [(0, 0), pad_rows, (1, 1), (0, 0)])
             strips.append(conv(strip))
             if rows < H or progress is not None:
@@ -285,7 +297,10 @@ class GroupNorm(nn.GroupNorm):
         scale = mx.repeat(inv_std, C // G, axis=-1) * self.weight  # (B, C)
         shift = self.bias - mx.repeat(mean, C // G, axis=-1) * scale
         shape = (B,) + (1,) * (x.ndim - 2) + (C,)
-        apply = _scale_shift_silu if silu else _scale_shift
+        if not silu:
+            apply = _scale_shift
+        else:
+            apply = cpu_math.scale_shift_silu if cpu_math.on_cpu() else _scale_shift_silu
         return apply(x, scale.reshape(shape), shift.reshape(shape)).astype(x.dtype)
 
 
@@ -328,8 +343,10 @@ class AttentionBlock(nn.Module):
         h = self.group_norm(x).reshape(B, 1, H * W, C)  # (B, heads=1, tokens, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
         # At 1024x1024 this is 16384 tokens: where the fused kernel does not cover head dim C, the scores
-        # (16384, 16384) are materialised (1 GiB in float32).
-        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(C))
+        # (16384, 16384) are materialised (1 GiB in float32); on CPU cpu_math.attention takes them in
+        # chunks of query rows.
+        sdpa = cpu_math.attention if cpu_math.on_cpu() else mx.fast.scaled_dot_product_attention
+        h = sdpa(q, k, v, scale=1.0 / math.sqrt(C))
         return x + self.to_out[0](h).reshape(B, H, W, C)
 
 
