@@ -129,8 +129,9 @@ def quantized_step(rounds: int, bits: int = 4) -> dict:
         finally:
             q.set_dequantized_cache(0)
 
-    out = alternate({"float32": lambda: dense(*args), f"q{bits}": uncached_call, f"q{bits}_cached": cached_call},
-                    rounds)
+    with _cache_limit(8 * 2**30):  # as while denoising (StepBufferCache): buffers reused, not page-faulted
+        out = alternate({"float32": lambda: dense(*args), f"q{bits}": uncached_call,
+                         f"q{bits}_cached": cached_call}, rounds)
     out["cached_bytes"] = q.dequantized_cache_bytes()
     out["quantized_weight_bytes"] = sum(v.nbytes for _, v in tree_flatten(quant.parameters()))
     out["float32_weight_bytes"] = sum(v.nbytes for _, v in tree_flatten(dense.parameters()))

@@ -311,8 +311,8 @@ def test_cpu_path_choice_by_rows(monkeypatch, no_dequantized_cache):
         pytest.skip("the CPU path only")
     layer = _quantized_layer()
     calls = []
-    real = mx.dequantize
-    monkeypatch.setattr(mx, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = q.dequantize
+    monkeypatch.setattr(q, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
     few = q.FUSED_MAX_ROWS["affine"]
     mx.eval(layer(mx.ones((1, few, 256))))
     assert calls == []
@@ -363,3 +363,35 @@ def test_dequantized_cache_stays_within_budget(no_dequantized_cache):
     assert q.dequantized_cache_bytes() == 0
     with pytest.raises(ValueError, match="cache limit must be >= 0"):
         q.set_dequantized_cache(-1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape,group", [((96, 256), 64), ((3, 128), 32), ((40, 512), 128)])
+def test_cpu_dequantize_equals_mlx_dequantize(bits, shape, group):
+    """The compiled CPU unpacking of affine 4/8-bit codes is bitwise MLX's dequantize for float32 scales."""
+    w, scales, biases = mx.quantize(mx.random.normal(shape, key=mx.random.key(bits)) * 0.2, group_size=group,
+                                    bits=bits)
+    ours = q.dequantize(w, scales, biases, group, bits)
+    assert mx.array_equal(ours, mx.dequantize(w, scales, biases, group_size=group, bits=bits))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_cpu_dequantize_rounds_once_for_half_precision_scales(dtype):
+    w, scales, biases = mx.quantize(mx.random.normal((64, 256), key=mx.random.key(3)).astype(dtype), bits=4)
+    ours = q.dequantize(w, scales, biases, 64, 4)
+    theirs = mx.dequantize(w, scales, biases, group_size=64, bits=4)
+    assert ours.dtype == theirs.dtype == dtype
+    exact = q.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), 64, 4)
+    ours_err = mx.abs(ours.astype(mx.float32) - exact).max().item()
+    assert ours_err <= mx.abs(theirs.astype(mx.float32) - exact).max().item()
+    # one rounding: within half an ulp of the dtype at the weights' largest magnitude
+    mantissa_bits = 7 if dtype == mx.bfloat16 else 10
+    ulp = 2.0 ** (math.floor(math.log2(mx.abs(exact).max().item())) - mantissa_bits)
+    assert ours_err <= 0.5 * ulp
+
+
+@pytest.mark.parametrize("bits", [2, 3, 6])
+def test_cpu_dequantize_leaves_other_widths_to_mlx(bits):
+    w, scales, biases = mx.quantize(mx.random.normal((32, 128), key=mx.random.key(5)), bits=bits)
+    assert mx.array_equal(q.dequantize(w, scales, biases, 64, bits),
+                          mx.dequantize(w, scales, biases, group_size=64, bits=bits))

@@ -296,14 +296,39 @@ class QuantizedLinear(nn.QuantizedLinear):
         return y + self["bias"] if "bias" in self else y
 
 
+_NIBBLE_SHIFTS = mx.array([0, 4], dtype=mx.uint8)
+
+
+@mx.compile
+def _affine_from_bytes(codes: mx.array, scales: mx.array, biases: mx.array, bits: int) -> mx.array:
+    # codes: the packed words viewed as bytes, (O, I*bits/8). Byte k holds elements 2k (low nibble) and
+    # 2k+1 (high nibble) at 4 bits, element k at 8 (MLX packs little-endian from the lowest bits).
+    q = (codes[..., None] >> _NIBBLE_SHIFTS) & 15 if bits == 4 else codes
+    q = q.reshape(scales.shape[0], scales.shape[1], -1)  # (O, groups, group_size)
+    w = q.astype(mx.float32) * scales[..., None].astype(mx.float32) + biases[..., None].astype(mx.float32)
+    return w.reshape(scales.shape[0], -1).astype(scales.dtype)
+
+
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+               mode: str = "affine") -> mx.array:
+    """`mx.dequantize`; on the CPU, affine 4- and 8-bit codes are unpacked by one compiled pass of MLX
+    arithmetic instead, 1.6-1.7x faster than MLX's CPU kernel (which is single-threaded and scalar:
+    (21504, 3072) 116 -> 68 ms). Bitwise equal to `mx.dequantize` for float32 scales; for bfloat16 or
+    float16 scales it rounds `scale * q + bias` once, in float32, where MLX rounds twice in that dtype."""
+    if (mx.default_device() == mx.cpu and mode == "affine" and bits in (4, 8) and biases is not None
+            and w.dtype == mx.uint32 and w.ndim == 2):
+        return _affine_from_bytes(mx.view(w, mx.uint8), scales, biases, bits)
+    return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+
 def _float_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
     """A quantized layer's weight in `dtype`: its cached copy if it holds a current one, else dequantized
     now (and cached if the budget has room)."""
     cached = getattr(layer, "_dequantized", None)
     if cached is not None and cached.codes is layer["weight"] and cached.weight.dtype == dtype:
         return cached.weight
-    w = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
-                      bits=layer.bits, mode=layer.mode).astype(dtype)
+    w = dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
+                   bits=layer.bits, mode=layer.mode).astype(dtype)
     layer._dequantized = None  # a stale copy goes back to the budget before a new one is taken
     if _budget.take(w.nbytes):
         layer._dequantized = _Dequantized(layer["weight"], w)

@@ -36,6 +36,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .. import quantization
 from ..loading.tables import DIFFUSERS_TRANSFORMER, part_rows, source_names
 from ..lora.layers import LoRALinear, logical_shape, set_module
 
@@ -158,7 +159,7 @@ def _input_grad_only(base: nn.Module):
         w, scales, biases = base["weight"], base["scales"], base.get("biases")
         how = dict(group_size=base.group_size, bits=base.bits, mode=base.mode)
         if mx.default_device() == mx.cpu:
-            return (cotangent @ mx.dequantize(w, scales, biases, **how).astype(cotangent.dtype),)
+            return (cotangent @ quantization.dequantize(w, scales, biases, **how).astype(cotangent.dtype),)
         return (mx.quantized_matmul(cotangent, w, scales, biases, transpose=False, **how),)
 
     return forward
