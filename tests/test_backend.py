@@ -207,3 +207,41 @@ def test_a_forced_openblas_core_type_is_reported():
     assert forced["max_err"] < 1e-3
     detected, _ = report(OPENBLAS_CORETYPE="")
     assert "OPENBLAS_CORETYPE" not in detected["info"]
+
+
+MALLOC_REPORT = """
+import ctypes, json, resource
+import flux_1
+from flux_1 import backend
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 * 2**20
+
+def touched():
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    return p
+
+libc.free(touched())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+libc.free(touched())  # the second 64 MiB buffer: new pages, or the first one's again
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"tuned": backend.tune_malloc(), "faults": faults}))
+"""
+
+
+@linux_only
+def test_tuned_malloc_reuses_freed_memory_and_can_be_switched_off():
+    """With glibc, a freed 64 MiB buffer stays in the heap: the next one needs no new pages (16k faults
+    without the tuning, as glibc unmaps it)."""
+    if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+        pytest.skip("not glibc")
+    runs = {}
+    for setting in ("", "off"):
+        proc = run_python(MALLOC_REPORT, FLUX1_MALLOC=setting)
+        assert proc.returncode == 0, proc.stderr
+        runs[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs[""]["tuned"] is True and runs["off"]["tuned"] is False
+    assert runs[""]["faults"] < 1000 < 8000 < runs["off"]["faults"]

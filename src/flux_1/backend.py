@@ -185,6 +185,50 @@ def select_blas() -> Selection:
     return _selection
 
 
+# -- glibc's malloc ----------------------------------------------------------------------------------------
+
+MALLOC_ENV = "FLUX1_MALLOC"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+MMAP_THRESHOLD = 2**30  # buffers below 1 GiB come from the heap, not from a fresh mmap
+TRIM_THRESHOLD = 2**31 - 1  # and freed memory stays in the heap for the next one
+
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc() -> bool:
+    """Keep the memory MLX's CPU backend frees for its next buffers (Linux, glibc); only the first call acts.
+
+    MLX's CPU allocator takes its buffers from malloc and, past its 32 MiB cache, gives them back. glibc
+    serves every request above 32 MiB (at most; less before its threshold adapts) with a fresh mmap and
+    returns it to the OS on free, so each large activation of each step or decode is new memory that the
+    kernel zero-fills page by page: a 256x256 VAE decode page-faulted 600-700k times and a `slice` step
+    100-160k. With these two mallopt settings freed memory stays in the heap and is reused: decode 4.1 ->
+    3.3 s at 256x256 and 18.3 -> 13.0 s at 512x512, the step's faults ~0; the process' peak RSS grew by
+    0.1-0.75 GB (memory that stays mapped, reused, until the process ends). Returns whether the settings
+    took. Not on macOS (Metal), with a CUDA mlx, with another C library, or with FLUX1_MALLOC=off."""
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        _malloc_tuned = _tune_malloc(os.environ.get(MALLOC_ENV, "").strip())
+    return _malloc_tuned
+
+
+def _tune_malloc(setting: str) -> bool:
+    if setting.lower() in OFF or not sys.platform.startswith("linux"):
+        return False
+    if any(_distribution(name) is not None for name in CUDA_DISTRIBUTIONS):
+        return False
+    libc = ctypes.CDLL(None)
+    try:
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl's mallopt does nothing)
+        mallopt = libc.mallopt
+    except AttributeError:
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # Some glibc versions refuse a threshold above 32 MiB: then 32 MiB, still far above the adaptive start.
+    mmap_ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) or mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    return bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 # -- reporting ---------------------------------------------------------------------------------------------
 
 

@@ -121,20 +121,27 @@ def estimate_memory(height: int, width: int, dtype: mx.Dtype, params: FluxParams
 
 
 class StepBufferCache:
-    """MLX's CPU buffer cache keeps 32 MiB by default: every larger buffer a step frees goes back to the OS,
-    and the next step page-faults it in again (about 180k minor faults, 0.2-0.3 s, per step of the `slice`
-    bench). While denoising on the CPU the cache is bounded only by MLX's memory limit during the first
-    step; after it (`step_done`) the limit becomes what that step left cached: the buffers every later step
-    allocates again, so they need no new pages (`slice`: 691 MiB kept beside a 444 MiB activation peak;
-    1.5k faults and 1.77 s a step instead of 180k and 1.95 s). Restored, and emptied, afterwards; other
-    backends keep their own (large) default."""
+    """MLX's CPU buffer cache keeps 32 MiB by default: every larger buffer a step frees goes back to malloc.
+    Where `backend.tune_malloc` could not keep that memory in the heap (another C library, FLUX1_MALLOC=off),
+    it goes back to the OS and the next step page-faults it in again (100-180k minor faults, 0.2-0.3 s, per
+    step of the `slice` bench). There, while denoising on the CPU, the cache is bounded only by MLX's memory
+    limit during the first step; after it (`step_done`) the limit becomes what that step left cached: the
+    buffers every later step allocates again. Its price is memory (MLX reuses a cached buffer only for a
+    request of nearly its size: `slice` keeps 700 MiB beside a 429 MiB working set), which is why the heap
+    is the first choice: the same speed, 0.16 GB less peak RSS at `slice`. MLX empties its cache before an
+    allocation would pass its memory limit. Restored, and emptied, afterwards; other backends keep their
+    own (large) default. `enabled` overrides the choice (tests)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool | None = None):
+        self.enabled = enabled
         self.previous = None  # the limit before, while a CPU cache limit is ours
         self.settled = False
 
     def __enter__(self):
-        if mx.default_device() == mx.cpu:
+        from ..backend import tune_malloc
+
+        enabled = self.enabled if self.enabled is not None else not tune_malloc()
+        if enabled and mx.default_device() == mx.cpu:
             memory_limit = mx.set_memory_limit(0)  # read it: MLX has no getter
             mx.set_memory_limit(memory_limit)
             self.previous = mx.set_cache_limit(memory_limit)
