@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -343,7 +344,8 @@ def cpu_math(rounds: int, tokens: int = sum(SLICE_TOKENS)) -> dict:
     from flux_1.models import cpu_math as fast
     from flux_1.models.transformer import FluxParams
 
-    c1, c3 = 2 * (2 / 3.141592653589793) ** 0.5, 2 * (2 / 3.141592653589793) ** 0.5 * 0.044715
+    c1 = 2 * math.sqrt(2 / math.pi)
+    c3 = c1 * 0.044715
     mlx_gelu = mx.compile(lambda x: x / (1 + mx.exp(-x * (c1 + c3 * (x * x)))))  # the form before cpu_math
     mlx_silu = mx.compile(lambda x, a, b: (lambda y: y / (1 + mx.exp(-y)))(x * a + b))
     p = FluxParams()

@@ -228,7 +228,7 @@ libc.free(touched())
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 libc.free(touched())  # the second 64 MiB buffer: new pages, or the first one's again
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"tuned": backend.tune_malloc(), "faults": faults}))
+print(json.dumps({"tuned": backend.tune_malloc(), "faults": faults, "info": backend.malloc_info()}))
 """
 
 
@@ -244,4 +244,5 @@ def test_tuned_malloc_reuses_freed_memory_and_can_be_switched_off():
         assert proc.returncode == 0, proc.stderr
         runs[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert runs[""]["tuned"] is True and runs["off"]["tuned"] is False
+    assert runs[""]["info"].startswith("glibc, freed memory kept") and "FLUX1_MALLOC=off" in runs["off"]["info"]
     assert runs[""]["faults"] < 1000 < 8000 < runs["off"]["faults"]

@@ -229,6 +229,15 @@ def _tune_malloc(setting: str) -> bool:
     return bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+def malloc_info() -> str:
+    """Whether `tune_malloc` took, in one line (`flux1-generate -v` prints it)."""
+    if tune_malloc():
+        return "glibc, freed memory kept for reuse (FLUX1_MALLOC=off: glibc's defaults)"
+    if os.environ.get(MALLOC_ENV, "").strip().lower() in OFF:
+        return f"the C library's defaults ({MALLOC_ENV}={os.environ[MALLOC_ENV]})"
+    return "the C library's defaults"
+
+
 # -- reporting ---------------------------------------------------------------------------------------------
 
 

@@ -360,9 +360,10 @@ def print_gguf(gguf_files: dict) -> None:
 
 
 def print_backend() -> None:
-    from ..backend import blas_info
+    from ..backend import blas_info, malloc_info
 
     print(f"BLAS: {blas_info()}")
+    print(f"malloc: {malloc_info()}")
 
 
 # -- generation ------------------------------------------------------------------------------------
