@@ -327,13 +327,12 @@ def probe_sdpa(calls: Calls, dtype: mx.Dtype) -> float:
     models/cpu_math's, elsewhere MLX's fused kernel)."""
     from flux_1.models import cpu_math
 
-    sdpa = cpu_math.attention if cpu_math.on_cpu() else mx.fast.scaled_dot_product_attention
     total = 0.0
     for q_shape, _ in calls.attention:
         q, k, v = (mx.random.normal(q_shape).astype(dtype) for _ in range(3))
         mx.eval(q, k, v)
         scale = q_shape[-1] ** -0.5
-        total += timed(lambda q=q, k=k, v=v, s=scale: sdpa(q, k, v, scale=s), reps=1)
+        total += timed(lambda q=q, k=k, v=v, s=scale: cpu_math.sdpa(q, k, v, scale=s), reps=1)
     return total
 
 

@@ -120,6 +120,11 @@ def _distribution(name: str) -> importlib.metadata.Distribution | None:
         return None
 
 
+def _cuda_distribution() -> str | None:
+    """The CUDA mlx distribution installed, if any (matrix products and buffers are the GPU's then)."""
+    return next((name for name in CUDA_DISTRIBUTIONS if _distribution(name) is not None), None)
+
+
 def candidates() -> list[tuple[str, str]]:
     """(source, library) pairs to try, best first: the OpenBLAS wheels installed, then the system's."""
     found = []
@@ -153,7 +158,7 @@ def _choose(setting: str) -> Selection:
         return Selection(library=preloaded, source="preloaded")
     if explicit:
         return _load_explicit(setting)
-    cuda = next((name for name in CUDA_DISTRIBUTIONS if _distribution(name) is not None), None)
+    cuda = _cuda_distribution()
     if cuda is not None:
         return Selection(note=f"{cuda} is installed: matrix products run on the GPU", cpu_backend=False)
     failures = []
@@ -215,7 +220,7 @@ def tune_malloc() -> bool:
 def _tune_malloc(setting: str) -> bool:
     if setting.lower() in OFF or not sys.platform.startswith("linux"):
         return False
-    if any(_distribution(name) is not None for name in CUDA_DISTRIBUTIONS):
+    if _cuda_distribution() is not None:
         return False
     libc = ctypes.CDLL(None)
     try:

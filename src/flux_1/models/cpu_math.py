@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 
 _LOG2E = 1.0 / math.log(2.0)
 # Taylor coefficients of 2^f = e^(f ln 2), highest degree first (degree 6: error < 2e-7 on |f| <= 1/2).
@@ -110,6 +111,20 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
             parts.append(softmax(scores).astype(v.dtype) @ v[:, h : h + heads])
         outs.append(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+
+
+def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None) -> mx.array:
+    """Scaled dot-product attention as the models call it: `attention` on the CPU, MLX's fused kernel
+    elsewhere. mask: as `mx.fast.scaled_dot_product_attention` takes it (additive arrays on the CPU)."""
+    if on_cpu():
+        return attention(q, k, v, scale, mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """The tanh-approximated GELU as the models call it: `gelu_tanh` on the CPU, MLX's `gelu_approx`
+    elsewhere."""
+    return gelu_tanh(x) if on_cpu() else nn.gelu_approx(x)
 
 
 def _mask_chunk(mask: mx.array, h: int, heads: int, r: int, rows: int) -> mx.array:

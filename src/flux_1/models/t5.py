@@ -115,8 +115,7 @@ class T5Attention(nn.Module):
             p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in (self.q, self.k, self.v)
         )
         # T5 folds 1/sqrt(d_kv) into its weights: no scaling here.
-        sdpa = cpu_math.attention if cpu_math.on_cpu() else mx.fast.scaled_dot_product_attention
-        out = sdpa(q, k, v, scale=1.0, mask=bias)
+        out = cpu_math.sdpa(q, k, v, scale=1.0, mask=bias)
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -139,8 +138,7 @@ class T5DenseGatedActDense(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         # transformers' "gelu_new" (gated-gelu) is the tanh approximation.
-        gelu = cpu_math.gelu_tanh if cpu_math.on_cpu() else nn.gelu_approx  # T5's gelu_new: tanh form
-        return self.wo(gelu(self.wi_0(x)) * self.wi_1(x))
+        return self.wo(cpu_math.gelu(self.wi_0(x)) * self.wi_1(x))  # T5's gelu_new: the tanh form
 
 
 class T5LayerFF(nn.Module):

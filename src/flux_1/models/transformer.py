@@ -142,8 +142,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, pe: tuple[mx.array, mx.arra
     dtype = v.dtype
     q = apply_rope(q, *pe).astype(dtype)
     k = apply_rope(k, *pe).astype(dtype)
-    sdpa = cpu_math.attention if cpu_math.on_cpu() else mx.fast.scaled_dot_product_attention
-    out = sdpa(q, k, v, scale=q.shape[-1] ** -0.5)
+    out = cpu_math.sdpa(q, k, v, scale=q.shape[-1] ** -0.5)
     B, H, S, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(B, S, H * d)
 
@@ -231,11 +230,9 @@ def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
-    """FLUX's GELU, the tanh approximation. On CPU as x * sigmoid(2z) with a fast exp (cpu_math, about 4x
+    """FLUX's GELU, the tanh approximation: on CPU as x * sigmoid(2z) with a fast exp (cpu_math, about 4x
     faster there, equal within float32 rounding); elsewhere MLX's own `gelu_approx`, unchanged."""
-    if cpu_math.on_cpu():
-        return cpu_math.gelu_tanh(x)
-    return nn.gelu_approx(x)
+    return cpu_math.gelu(x)
 
 
 class GELUTanh(nn.Module):

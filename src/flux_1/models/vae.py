@@ -345,8 +345,7 @@ class AttentionBlock(nn.Module):
         # At 1024x1024 this is 16384 tokens: where the fused kernel does not cover head dim C, the scores
         # (16384, 16384) are materialised (1 GiB in float32); on CPU cpu_math.attention takes them in
         # chunks of query rows.
-        sdpa = cpu_math.attention if cpu_math.on_cpu() else mx.fast.scaled_dot_product_attention
-        h = sdpa(q, k, v, scale=1.0 / math.sqrt(C))
+        h = cpu_math.sdpa(q, k, v, scale=1.0 / math.sqrt(C))
         return x + self.to_out[0](h).reshape(B, H, W, C)
 
 
