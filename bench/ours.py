@@ -290,13 +290,16 @@ def _transformer_stage(cfg, root, inputs, dtype, spec, ranks, txt, pooled, base:
         if spec is not None and max_stage_s is not None and (rank, mode) in base.step:
             b = base.step[(rank, mode)]
             probe = profile.probe_linears(calls, dtype, sample_rows)
-            predicted = b["s"] - b["linear_s"] + probe.seconds
+            # The unquantized step less its linears (timed apart, so on tiny shapes their sum can pass the
+            # step: the remainder is then 0, never negative), plus the quantized linears.
+            rest = max(b["s"] - b["linear_s"], 0.0)
+            predicted = rest + probe.seconds
             if predicted > max_stage_s:
                 projected = True
                 # The alternative CPU path (dequantize, then the dense GEMM), once per quantization.
                 dq = (profile.probe_linears(calls, dtype, fn=profile.dequantized_matmul)
                       if rank == ranks[0] and mode == modes[0] else None)
-                dq_step = b["s"] - b["linear_s"] + dq.seconds if dq else None
+                dq_step = rest + dq.seconds if dq else None
                 log(f"  rank {rank}: step projected {predicted:.1f} s > {max_stage_s:.0f} s "
                     f"(quantized linears {probe.seconds:.1f} s vs unquantized {b['linear_s']:.1f} s"
                     + (f"; with dequantize+GEMM {dq_step:.1f} s)" if dq else ")"))
