@@ -60,8 +60,11 @@ def alternate(variants: dict[str, Callable[[], object]], rounds: int, warmup: in
     return {name: {"min_s": min(ts), "median_s": statistics.median(ts), "all_s": ts} for name, ts in times.items()}
 
 
-def quantized_rows(rounds: int, rows=(1, 4, 8, 64, 512)) -> dict:
-    """Fused kernel vs dequantize + GEMM vs cached float weight, one (3072, 3072) layer, by rows."""
+def quantized_rows(rounds: int, rows=(1, 2, 4, 8, 64, 512)) -> dict:
+    """Fused kernel vs dequantize + GEMM (ours; and `planar_matmul` for 4 bits) vs cached float weight, one
+    (3072, 3072) layer, by rows."""
+    from flux_1 import quantization as q
+
     w = mx.random.normal((3072, 3072), key=mx.random.key(0)) * 0.02
     out = {}
     for bits in (4, 8):
@@ -72,11 +75,14 @@ def quantized_rows(rounds: int, rows=(1, 4, 8, 64, 512)) -> dict:
             x = mx.random.normal((m, 3072), key=mx.random.key(m))
             mx.eval(x)
             c, s, b, d, n = codes, scales, biases, dense, bits
-            timings = alternate({
+            variants = {
                 "fused": lambda x=x, c=c, s=s, b=b, n=n: mx.quantized_matmul(x, c, s, b, True, 64, n),
-                "dequantize_gemm": lambda x=x, c=c, s=s, b=b, n=n: x @ mx.dequantize(c, s, b, 64, n).T,
+                "dequantize_gemm": lambda x=x, c=c, s=s, b=b, n=n: x @ q.dequantize(c, s, b, 64, n).T,
                 "cached_float": lambda x=x, d=d: x @ d.T,
-            }, rounds)
+            }
+            if q.planar(c, n, "affine", b):
+                variants["planar"] = lambda x=x, c=c, s=s, b=b, n=n: q.planar_matmul(x, c, s, b, 64, n)
+            timings = alternate(variants, rounds)
             out[f"q{bits}_rows{m}"] = {k: round(v["min_s"] * 1e3, 2) for k, v in timings.items()}  # ms
     return out
 

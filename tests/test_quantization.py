@@ -305,19 +305,71 @@ def no_dequantized_cache():
     q.set_dequantized_cache(0)
 
 
-def test_cpu_path_choice_by_rows(monkeypatch, no_dequantized_cache):
-    """Up to FUSED_MAX_ROWS rows the fused kernel runs (no dequantize); above, the weight is dequantized."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_path_choice_by_rows(monkeypatch, no_dequantized_cache, bits):
+    """Up to FUSED_MAX_ROWS rows the fused kernel runs; above, 4-bit codes go through planar_matmul (from
+    one row: it beats the fused kernel there) and other widths are dequantized."""
     if mx.default_device() != mx.cpu:
         pytest.skip("the CPU path only")
-    layer = _quantized_layer()
+    layer = _quantized_layer(bits=bits)
     calls = []
-    real = q.dequantize
-    monkeypatch.setattr(q, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
-    few = q.FUSED_MAX_ROWS["affine"]
-    mx.eval(layer(mx.ones((1, few, 256))))
-    assert calls == []
+    for name in ("dequantize", "planar_matmul"):
+        real = getattr(q, name)
+        monkeypatch.setattr(q, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    monkeypatch.setattr(nn.QuantizedLinear, "__call__",
+                        lambda self, x, real=nn.QuantizedLinear.__call__: calls.append("fused") or real(self, x))
+    few = q.FUSED_MAX_ROWS[("affine", bits)]
+    assert few == {4: 0, 8: 1}[bits]
+    if few:
+        mx.eval(layer(mx.ones((1, few, 256))))
+        assert calls == ["fused"]
+        calls.clear()
     mx.eval(layer(mx.ones((1, few + 1, 256))))
-    assert calls == [1]
+    assert calls == ["planar_matmul" if bits == 4 else "dequantize"]
+    calls.clear()
+    q.set_dequantized_cache(2**20)  # room for a float copy: dequantized (and kept) instead of planes
+    mx.eval(layer(mx.ones((1, few + 1, 256))))
+    assert calls == ["dequantize"] and layer._dequantized is not None
+    q.drop_dequantized(layer)
+
+
+def test_fused_max_rows_covers_every_setting():
+    settings = {(m, b) for m in ("mxfp4", "nvfp4", "mxfp8") for b in [q.MODE_BITS[m]]}
+    settings |= {("affine", b) for b in q.AFFINE_BITS}
+    assert set(q.FUSED_MAX_ROWS) == settings
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("shape,group", [((96, 256), 64), ((3, 128), 32), ((40, 512), 128), ((24, 192), 64)])
+def test_planar_matmul_is_the_dense_product(shape, group, dtype):
+    """x @ W.T and x @ W of the dequantized 4-bit weight, for every group size, leading batch axes and
+    the input's dtype, with the gradient w.r.t. x (QLoRA's frozen base runs both directions)."""
+    out_f, in_f = shape
+    w, scales, biases = mx.quantize(mx.random.normal(shape, key=mx.random.key(7)) * 0.2, group_size=group, bits=4)
+    dense = mx.dequantize(w, scales, biases, group_size=group, bits=4)
+    x = mx.random.normal((2, 5, in_f), key=mx.random.key(8)).astype(dtype)
+    cot = mx.random.normal((2, 5, out_f), key=mx.random.key(9)).astype(dtype)
+    tol = 1e-5 if dtype == mx.float32 else 3e-2
+    forward = q.planar_matmul(x, w, scales, biases, group, 4)
+    assert forward.shape == (2, 5, out_f) and forward.dtype == dtype
+    np.testing.assert_allclose(np.array(forward.astype(mx.float32)),
+                               np.array((x @ dense.astype(dtype).T).astype(mx.float32)), rtol=tol, atol=tol)
+    backward = q.planar_matmul(cot, w, scales, biases, group, 4, transpose=False)
+    assert backward.shape == (2, 5, in_f) and backward.dtype == dtype
+    np.testing.assert_allclose(np.array(backward.astype(mx.float32)),
+                               np.array((cot @ dense.astype(dtype)).astype(mx.float32)), rtol=tol, atol=tol)
+    if dtype == mx.float32:
+        grad = mx.grad(lambda x: (q.planar_matmul(x, w, scales, biases, group, 4) * cot).sum())(x)
+        np.testing.assert_allclose(np.array(grad), np.array(cot @ dense), rtol=1e-5, atol=1e-5)
+
+
+def test_planar_matmul_takes_4_bit_affine_codes_only():
+    w4, s4, b4 = mx.quantize(mx.ones((8, 64)), bits=4)
+    assert q.planar(w4, 4, "affine", b4)
+    w8, s8, b8 = mx.quantize(mx.ones((8, 64)), bits=8)
+    assert not q.planar(w8, 8, "affine", b8)
+    wf, sf, *rest = mx.quantize(mx.ones((8, 64)), mode="mxfp4")
+    assert not q.planar(wf, 4, "mxfp4", None)
 
 
 def test_cpu_paths_agree_and_differentiate(no_dequantized_cache):
@@ -352,7 +404,7 @@ def test_dequantized_cache_stays_within_budget(no_dequantized_cache):
     q.set_dequantized_cache(one_layer + 100)  # room for one float copy, not two
     first_a, first_b = a(x), b(x)
     assert q.dequantized_cache_bytes() == one_layer
-    assert a._dequantized is not None and b._dequantized is None
+    assert a._dequantized is not None and getattr(b, "_dequantized", None) is None  # b: planar_matmul
     np.testing.assert_array_equal(np.array(a(x)), np.array(first_a))  # the cached copy, the same numbers
     np.testing.assert_array_equal(np.array(b(x)), np.array(first_b))
     # New codes (a reload, a LoRA fuse) invalidate the copy: the output follows the new weight.

@@ -217,12 +217,15 @@ def _check_plan(model: nn.Module, plan: dict[str, dict]) -> None:
                          f"this model: {bad[:8]}{' ...' if len(bad) > 8 else ''}")
 
 
-# Rows (tokens) up to which MLX's fused CPU `quantized_matmul` beats dequantize-then-GEMM. The fused CPU
-# kernel costs a fixed time per row (3072x3072 weight: ~6.3 ms per row affine, ~2.5 ms mxfp4 / nvfp4,
-# ~12 ms mxfp8), dequantizing the whole weight a fixed time per call (~32 ms 4-bit affine, ~45 ms
-# 8-bit, ~70-85 ms mxfp4 / nvfp4, ~24 ms mxfp8); measured crossovers on a 2-core EPYC, mlx 0.32.4
-# (BENCHMARKS.md, "CPU speed (issue #14)"). The modulation layers (one row per image) fall under it.
-FUSED_MAX_ROWS = {"affine": 4, "mxfp4": 16, "nvfp4": 16, "mxfp8": 1}
+# Rows (tokens) up to which MLX's fused CPU `quantized_matmul` beats dequantize-then-GEMM, by (mode, bits).
+# The fused CPU kernel costs a fixed time per row (3072x3072 weight: ~6 ms per row affine, ~2.5 ms mxfp4 /
+# nvfp4, ~12 ms mxfp8), dequantizing the whole weight a fixed time per call (4-bit affine through
+# `planar_matmul` ~3 ms, so it wins from one row: 4.8 against 6.0 ms; 8-bit affine ~4 ms, even at one
+# row; other affine widths through MLX's dequantize ~32 ms; ~70-85 ms mxfp4 / nvfp4, ~24 ms mxfp8);
+# measured crossovers on a 2-core EPYC, mlx 0.32.4 (`python -m bench.cpu_speed --only quantized_rows`,
+# BENCHMARKS.md). The modulation layers (one row per image) are where few rows occur.
+FUSED_MAX_ROWS = {("affine", 3): 4, ("affine", 4): 0, ("affine", 5): 4, ("affine", 6): 4, ("affine", 8): 1,
+                  ("mxfp4", 4): 16, ("nvfp4", 4): 16, ("mxfp8", 8): 1}
 
 
 class _CacheBudget:
@@ -240,6 +243,9 @@ class _CacheBudget:
             return False
         self.used += nbytes
         return True
+
+    def room(self, nbytes: int) -> bool:
+        return self.used + nbytes <= self.limit
 
     def give_back(self, nbytes: int) -> None:
         self.used -= nbytes
@@ -282,17 +288,21 @@ class QuantizedLinear(nn.QuantizedLinear):
     """MLX's quantized linear, plus a CPU path. MLX's fused CPU `quantized_matmul` has no fast kernel (its
     time grows by ~6 ms per row at 3072x3072), so per call: up to `FUSED_MAX_ROWS` rows (the modulation
     layers, one row per image) it is used; above, the weight is dequantized (one layer at a time, freed
-    after use) and multiplied with the float GEMM (53x faster than the fused kernel at 1024 rows), or the
-    cached dequantized weight is used where `set_dequantized_cache` allows it. All three give the same
-    numbers within float32 rounding, and all are differentiable w.r.t. the input. GPUs keep the fused
-    kernel."""
+    after use) and multiplied with the float GEMM (53x faster than the fused kernel at 1024 rows; 4-bit
+    affine codes through `planar_matmul`, the rest through `dequantize`), or the cached dequantized weight
+    is used where `set_dequantized_cache` allows it. All give the same numbers within float32 rounding,
+    and all are differentiable w.r.t. the input. GPUs keep the fused kernel."""
 
     def __call__(self, x: mx.array) -> mx.array:
         # Written for `self` being any module with a quantized layer's arrays and attributes: a LoRA
         # wrapper calls this on itself (lora/layers.py), so no super() and no class-level state.
-        if mx.default_device() != mx.cpu or x.size // x.shape[-1] <= FUSED_MAX_ROWS.get(self.mode, 0):
+        rows = x.size // x.shape[-1]
+        if mx.default_device() != mx.cpu or rows <= FUSED_MAX_ROWS.get((self.mode, self.bits), 0):
             return nn.QuantizedLinear.__call__(self, x)
-        y = x @ _float_weight(self, x.dtype).T
+        if planar(self["weight"], self.bits, self.mode, self.get("biases")) and not _cacheable(self, x.dtype):
+            y = planar_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        else:
+            y = x @ _float_weight(self, x.dtype).T
         return y + self["bias"] if "bias" in self else y
 
 
@@ -319,6 +329,67 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_siz
             and w.dtype == mx.uint32 and w.ndim == 2):
         return _affine_from_bytes(mx.view(w, mx.uint8), scales, biases, bits)
     return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+
+@mx.compile
+def _planes(codes: mx.array, scales: mx.array, biases: mx.array, bits: int) -> list[mx.array]:
+    # codes: (O, P, G) bytes, byte p of each of the G groups in a row (P = group_size * bits / 8);
+    # scales, biases: (O, 1, G). Plane j (of 8 / bits): element p * (8 / bits) + j of every group.
+    # Groups run along the innermost axis, so MLX's CPU kernel streams codes, scales and output alike
+    # (in the row layout the scale is broadcast along the innermost axis: ~3x slower).
+    s, b = scales.astype(mx.float32), biases.astype(mx.float32)
+    mask = (1 << bits) - 1
+    return [((codes >> (bits * j)) & mask).astype(mx.float32) * s + b for j in range(8 // bits)]
+
+
+def planar(w: mx.array, bits: int, mode: str, biases: mx.array | None) -> bool:
+    """Whether `planar_matmul` takes these codes (affine, 4-bit, 2-D packed words)."""
+    return mode == "affine" and bits == 4 and biases is not None and w.dtype == mx.uint32 and w.ndim == 2
+
+
+def planar_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+                  transpose: bool = True) -> mx.array:
+    """`x @ dequantize(w).T` (`transpose`) or `x @ dequantize(w)` for 4-bit affine codes, on the CPU.
+
+    The weight is dequantized in a column order where each group's scale is constant along the slow
+    axes (`_planes`: (O, 4I) bytes -> 2 planes (O, I/2), low nibbles and high nibbles, each ordered
+    (position in group, group)), and the input's columns are put in the same order (a copy of x, small
+    next to the weight at any batch the float GEMM is chosen for), so the product is the same sum in
+    another order: equal within float32 rounding. Against dequantize-then-GEMM: (512, 3072) x
+    (3072, 3072) 50 -> 44 ms, (3072, 15360) 243 -> 225 ms, (21504, 3072) 348 -> 303 ms (float GEMM
+    38 / 195 / 270 ms; 2-core EPYC, BENCHMARKS.md). Differentiable w.r.t. x."""
+    out_rows, packed = w.shape
+    groups = scales.shape[-1]
+    per_byte = 8 // bits
+    per_group = group_size // per_byte  # bytes per group
+    # One transposing copy of the bytes first: MLX's compiled CPU kernel reads a transposed view ~1.5x
+    # slower than it copies it.
+    codes = mx.contiguous(mx.view(w, mx.uint8).reshape(out_rows, groups, per_group).transpose(0, 2, 1))
+    planes = [p.reshape(out_rows, -1) for p in _planes(codes, scales[:, None, :], biases[:, None, :], bits)]
+    if x.dtype != mx.float32:
+        planes = [p.astype(x.dtype) for p in planes]
+    lead = x.shape[:-1]
+    if transpose:  # (..., I) -> (..., O)
+        # x columns g * group_size + p * per_byte + j -> plane j's order (p, g)
+        xr = x.reshape(-1, groups, per_group, per_byte)
+        y = None
+        for j, plane in enumerate(planes):
+            xj = xr[..., j].transpose(0, 2, 1).reshape(xr.shape[0], -1)
+            y = xj @ plane.T if y is None else mx.addmm(y, xj, plane.T)  # the GEMM accumulates
+        return y.reshape(*lead, out_rows)
+    # (..., O) -> (..., I): plane j gives the input columns of its order (p, g); interleave them back
+    x2 = x.reshape(-1, out_rows)
+    parts = [(x2 @ plane).reshape(-1, per_group, groups) for plane in planes]
+    return mx.stack(parts, axis=-1).transpose(0, 2, 1, 3).reshape(*lead, groups * group_size)
+
+
+def _cacheable(layer: nn.Module, dtype: mx.Dtype) -> bool:
+    """Whether `_float_weight` would use or keep a float copy of this layer (cached now, or room for it)."""
+    cached = getattr(layer, "_dequantized", None)
+    if cached is not None and cached.codes is layer["weight"] and cached.weight.dtype == dtype:
+        return True
+    out_rows, packed = layer["weight"].shape
+    return _budget.room(out_rows * packed * 32 // layer.bits * dtype.size)
 
 
 def _float_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:

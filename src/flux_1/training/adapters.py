@@ -159,6 +159,9 @@ def _input_grad_only(base: nn.Module):
         w, scales, biases = base["weight"], base["scales"], base.get("biases")
         how = dict(group_size=base.group_size, bits=base.bits, mode=base.mode)
         if mx.default_device() == mx.cpu:
+            if quantization.planar(w, base.bits, base.mode, biases):
+                return (quantization.planar_matmul(cotangent, w, scales, biases, base.group_size, base.bits,
+                                                   transpose=False),)
             return (cotangent @ quantization.dequantize(w, scales, biases, **how).astype(cotangent.dtype),)
         return (mx.quantized_matmul(cotangent, w, scales, biases, transpose=False, **how),)
 
