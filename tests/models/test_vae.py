@@ -139,6 +139,7 @@ def test_conv3x3_strips_are_exact_and_bound_memory(monkeypatch):
     builds MLX's 9x im2col buffer."""
     from flux_1.models import vae
 
+    monkeypatch.setattr(vae.Conv3x3, "_winograd", lambda self, x: False)  # the offset-GEMM path (see below)
     conv = vae.Conv3x3(64, 32)
     x = mx.random.normal((1, 96, 80, 64), key=mx.random.key(3))
     mx.eval(conv.parameters(), x)
@@ -166,6 +167,79 @@ def test_conv3x3_strips_are_exact_and_bound_memory(monkeypatch):
     assert whole_peak < 4 * x.nbytes  # a padded copy and output-sized accumulators only
     one_strip = 9 * 82 * 64 * 4 + 3 * 7 * 82 * 32 * 4  # a padded 7-row strip, its accumulators
     assert strips_peak <= 2 * plain.nbytes + one_strip  # the strips and their concatenation, one working set
+
+
+@pytest.mark.parametrize("batch,height,width,cin,cout", [
+    (1, 8, 6, 16, 24),
+    (2, 4, 10, 8, 8),  # batched
+    (1, 2, 2, 4, 4),  # one tile
+    (1, 6, 12, 32, 9),
+])
+def test_conv3x3_winograd_matches_mlx_conv(batch, height, width, cin, cout):
+    """Winograd F(2x2, 3x3) computes the 3x3 conv (with and without bias and spare row) within float32
+    rounding of a few more additions."""
+    from flux_1.models.vae import conv3x3_winograd, winograd_weight
+
+    x = mx.random.normal((batch, height, width, cin), key=mx.random.key(height))
+    weight = mx.random.normal((cout, 3, 3, cin), key=mx.random.key(width)) / (9 * cin) ** 0.5
+    bias = mx.random.normal((cout,), key=mx.random.key(cin))
+    want = mx.conv2d(x, weight, padding=1)
+    padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    u = winograd_weight(weight)
+    np.testing.assert_allclose(np.array(conv3x3_winograd(padded, u)), np.array(want), rtol=1e-5, atol=1e-5)
+    spare = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)])
+    got = conv3x3_winograd(spare, u, bias, spare_row=True)
+    np.testing.assert_allclose(np.array(got), np.array(want + bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,height,width,channels,out_channels",
+                         [(1, 5, 7, 16, 24), (2, 3, 4, 8, 8), (1, 1, 1, 4, 4)])
+def test_upsample_winograd_matches_conv_of_upsample(batch, height, width, channels, out_channels):
+    """conv3x3(nearest 2x of x) by Winograd on the low-resolution input, with and without bias and spare row."""
+    from flux_1.models import vae
+
+    x = mx.random.normal((batch, height, width, channels), key=mx.random.key(height))
+    weight = mx.random.normal((out_channels, 3, 3, channels), key=mx.random.key(width)) / (9 * channels) ** 0.5
+    bias = mx.random.normal((out_channels,), key=mx.random.key(channels))
+    want = mx.conv2d(vae.upsample_nearest2x(x), weight, padding=1)
+    u = vae.upsample_winograd_weight(weight)
+    plain = vae.upsample2x_conv3x3_winograd(mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)]), u)
+    np.testing.assert_allclose(np.array(plain), np.array(want), rtol=1e-5, atol=1e-5)
+    spare = vae.upsample2x_conv3x3_winograd(mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]), u, bias, spare_row=True)
+    np.testing.assert_allclose(np.array(spare), np.array(want + bias), rtol=1e-5, atol=1e-5)
+
+
+def test_conv3x3_winograd_strips_are_exact_and_bound_memory(monkeypatch):
+    """The module runs Winograd on the CPU in float32 at even sizes, in strips of about WINOGRAD_STRIP_BYTES of
+    input whose working set (4x input, 4x output in transforms) does not grow with the image; it falls back
+    to the offset GEMMs for odd sizes, bfloat16 and a narrow output."""
+    from flux_1.models import vae
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the CPU path only")
+    conv = vae.Conv3x3(64, 32)
+    x = mx.random.normal((1, 96, 80, 64), key=mx.random.key(3))
+    mx.eval(conv.parameters(), x)
+    assert conv._winograd(x)
+    assert not conv._winograd(x[:, :95]) and not conv._winograd(x[:, :, :79])
+    assert not conv._winograd(x.astype(mx.bfloat16))
+    assert not vae.Conv3x3(64, 16)._winograd(x)  # 4 * 16 <= 64: conv3x3_valid's one-GEMM path
+    want = mx.conv2d(x, conv.weight, padding=1) + conv.bias
+    mx.eval(want)
+    strip_rows = 8
+    monkeypatch.setattr(vae, "WINOGRAD_STRIP_BYTES", strip_rows * 82 * 64 * 4)  # 12 strips of 8 rows
+    strips, strips_peak = _least_peak(lambda: conv(x))
+    np.testing.assert_allclose(np.array(strips), np.array(want), rtol=1e-5, atol=1e-5)
+    odd = x[:, :95]
+    np.testing.assert_allclose(np.array(conv(odd)), np.array(mx.conv2d(odd, conv.weight, padding=1) + conv.bias),
+                               rtol=1e-5, atol=1e-5)
+    # One strip: its padded input, the column pass (2x), V (4x), M and the tile outputs (4x + 1x the strip's
+    # output), the interleaved output; beside the strips and their concatenation.
+    strip_in, strip_out = (strip_rows + 3) * 82 * 64 * 4, strip_rows * 80 * 32 * 4
+    assert strips_peak <= 2 * want.nbytes + 8 * strip_in + 7 * strip_out
+    monkeypatch.setattr(vae, "WINOGRAD_STRIP_BYTES", 2 * strip_rows * 82 * 64 * 4)
+    _, twice = _least_peak(lambda: conv(x))
+    assert strips_peak < twice  # smaller strips, smaller working set
 
 
 @pytest.mark.parametrize("batch,height,width,cin,cout", [
@@ -245,12 +319,15 @@ def _least_peak(fn, repeats: int = 3) -> tuple[mx.array, int]:
     return out, min(peaks)
 
 
-def test_upsample_folded_strips_are_exact_and_bound_memory(monkeypatch):
-    """The folded upsampler in row strips (a ragged last one, halos at every boundary) gives the unstripped
-    output; neither makes the 4x upsampled copy of its input, and the strips hold one strip's working set
-    (beside the output: at this size that is about the one-piece peak, 0.4-0.6 MB either way)."""
+@pytest.mark.parametrize("path", ["winograd", "folded"])
+def test_upsample_folded_strips_are_exact_and_bound_memory(monkeypatch, path):
+    """The CPU upsampler (Winograd in float32, the folded taps otherwise) in row strips (a ragged last one,
+    halos at every boundary) gives the unstripped output; neither makes the 4x upsampled copy of its input,
+    and the strips hold one strip's working set (beside the output: at this size that is about the
+    one-piece peak, 0.4-0.6 MB either way)."""
     from flux_1.models import vae
 
+    monkeypatch.setattr(vae.Conv3x3, "_winograd_upsample", lambda self, x: path == "winograd")
     conv = vae.Conv3x3(32, 32)
     x = mx.random.normal((1, 23, 20, 32), key=mx.random.key(6))
     mx.eval(conv.parameters(), x)
@@ -261,12 +338,16 @@ def test_upsample_folded_strips_are_exact_and_bound_memory(monkeypatch):
     strips, strips_peak = _least_peak(lambda: conv.upsampled(x))
     np.testing.assert_allclose(np.array(whole), np.array(want), rtol=1e-5, atol=2e-5 * 32**0.5)
     np.testing.assert_allclose(np.array(strips), np.array(want), rtol=1e-5, atol=2e-5 * 32**0.5)
-    # The 4 phases (output-sized together), the interleaved output and a padded copy of the (4x smaller)
-    # input. The upsample-then-conv path needs the upsampled copy's padded version and the conv's output
-    # (2.2x the output here, and the upsampled copy itself before the pad): since Conv3x3's strips carry a
-    # spare row it is no larger than the folded path at peak; the fold's gain is 2.25x fewer FLOPs.
-    assert whole_peak < 3.5 * want.nbytes
+    # Folded: the 4 phases (output-sized together), the interleaved output and a padded copy of the (4x
+    # smaller) input. The upsample-then-conv path needs the upsampled copy's padded version and the conv's
+    # output (2.2x the output here, and the upsampled copy itself before the pad): since Conv3x3's strips
+    # carry a spare row it is no larger than the folded path at peak; the fold's gain is 2.25x fewer FLOPs.
+    # Winograd also holds the 9 transformed inputs and the 9 GEMM outputs (each a quarter of the output
+    # here: 4.5x in all, measured), for 16 / 9 fewer FLOPs again; the strips bound both.
+    assert whole_peak < (5.5 if path == "winograd" else 3.5) * want.nbytes
     one_strip = 2 * 7 * 22 * 32 * 4 + 2 * 10 * 40 * 32 * 4  # a padded 5-row input strip, its phases and output
+    if path == "winograd":
+        one_strip += (8 + 9) * 5 * 20 * 32 * 4  # the transformed inputs and the GEMM outputs
     assert strips_peak <= 2 * want.nbytes + one_strip  # the strips and their concatenation, one working set
 
 

@@ -77,6 +77,10 @@ class VAEParams:
 # Strip size of a 3x3 conv, in bytes of the im2col buffer MLX's conv would need (9 x the strip's input);
 # `conv3x3_valid` needs under half of that.
 STRIP_BYTES = 256 * 2**20
+# Strip size of a Winograd conv, in bytes of the strip's input: its transforms write 4x the input and 4x the
+# output, and run (single-threaded) about 1.3-1.6x faster on strips whose tiles stay in the CPU's cache
+# than on a 256x256x128 image at once (2 MiB was the best of 0.5-8 MiB at every decoder shape, 2-core EPYC).
+WINOGRAD_STRIP_BYTES = 2 * 2**20
 
 
 class _Progress:
@@ -144,6 +148,63 @@ def conv3x3_valid(x: mx.array, weight: mx.array, bias: mx.array | None = None, s
     return out.reshape(1, h, wp, out_channels)[:, :, :w]
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): a 2x2
+# output tile from a 4x4 input tile as Y = A^T [(G g G^T) * (B^T d B)] A, 16 multiplies per input/output
+# channel pair where the direct conv does 36. G holds halves (exact in binary) and B, A only +-1, so the
+# result differs from the direct sum by float32 rounding of a few more additions.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(weight: mx.array) -> mx.array:
+    """3x3 conv weight (O, 3, 3, C) -> U = G g G^T, (4, 4, C, O) in float32."""
+    g = mx.array(_WINOGRAD_G, dtype=mx.float32)
+    w = weight.astype(mx.float32).transpose(1, 2, 3, 0)  # (3, 3, C, O)
+    u = mx.tensordot(g, w, axes=[[1], [0]])  # (4, 3, C, O): rows transformed
+    return mx.tensordot(g, u, axes=[[1], [1]]).transpose(1, 0, 2, 3)  # (4, 4, C, O)
+
+
+@mx.compile
+def _winograd_bt(d0: mx.array, d1: mx.array, d2: mx.array, d3: mx.array) -> tuple[mx.array, ...]:
+    # B^T along one axis: the 4 input rows (or columns) of every tile -> its 4 transformed ones
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@mx.compile
+def _winograd_at(bias: mx.array, *m: mx.array) -> tuple[mx.array, ...]:
+    # A^T M A for every tile at once: m[4k + l] is (tiles, O) -> the tiles' outputs (0,0), (0,1), (1,0), (1,1)
+    cols = [(m[4 * k] + m[4 * k + 1] + m[4 * k + 2], m[4 * k + 1] - m[4 * k + 2] - m[4 * k + 3]) for k in range(4)]
+    return tuple(cols[0][v] + cols[1][v] + cols[2][v] + bias for v in range(2)) + tuple(
+        cols[1][v] - cols[2][v] - cols[3][v] + bias for v in range(2))
+
+
+def conv3x3_winograd(x: mx.array, u: mx.array, bias: mx.array | None = None, spare_row: bool = False) -> mx.array:
+    """`conv3x3_valid` by Winograd F(2x2, 3x3), on the CPU backend, float32: x (B, h+2, w+2, C)
+    with h and w even (plus a spare row below with `spare_row`), `u` from `winograd_weight` -> (1, h, w, O).
+
+    The input transform runs along columns, then rows, on strided views (tile (a, b) reads padded input
+    rows 2a..2a+3 and columns 2b..2b+3); each of the 16 transformed positions is then one GEMM
+    (tiles, C) @ (C, O) over every tile: 2.25x fewer FLOPs than the 9 offset GEMMs. The transforms are
+    elementwise passes over 4x the input and 4x the output, so this pays where the GEMMs are large next
+    to them: with `WINOGRAD_STRIP_BYTES` strips 1.5-1.9x faster than `conv3x3_valid` at every decoder
+    shape (BENCHMARKS.md)."""
+    if x.shape[0] > 1:
+        return mx.concatenate([conv3x3_winograd(image[None], u, bias, spare_row) for image in x])
+    _, hp, wp, C = x.shape
+    h, w = hp - 2 - int(spare_row), wp - 2
+    image = x[0]
+    V = [None] * 16  # V[4k + l]: (h/2, w/2, C), transformed tile position (k, l)
+    for col, c in enumerate(_winograd_bt(*(image[:, j : j + w : 2] for j in range(4)))):
+        for row, r in enumerate(_winograd_bt(*(c[i : i + h : 2] for i in range(4)))):
+            V[4 * row + col] = r
+    tiles = (h // 2) * (w // 2)
+    M = [V[k].reshape(tiles, C) @ u[k // 4, k % 4] for k in range(16)]
+    out_channels = u.shape[-1]
+    out = mx.zeros((h // 2, 2, w // 2, 2, out_channels), dtype=x.dtype)
+    for k, y in enumerate(_winograd_at(mx.array(0.0) if bias is None else bias, *M)):
+        out[:, k // 2, :, k % 2] = y.reshape(h // 2, w // 2, out_channels)
+    return out.reshape(1, h, w, out_channels)
+
+
 # Nearest 2x then a 3x3 conv, seen from the low-resolution input: output row 2a+s reads upsampled rows
 # 2a+s-1 .. 2a+s+1, i.e. input rows (a-1, a, a) for s = 0 and (a, a, a+1) for s = 1. _UPSAMPLE_FOLD[s, d, i]
 # is 1 where tap row i lands on the d-th of the two input rows that phase s reads (a-1+s+d); columns alike.
@@ -197,6 +258,64 @@ def upsample2x_conv3x3_valid(x: mx.array, folded: mx.array, bias: mx.array | Non
     return out.reshape(1, 2 * h, 2 * w, out_channels)
 
 
+# The nearest 2x upsample as seen by a Winograd F(2x2, 3x3) tile: the output tile at (2a, 2b) reads upsampled
+# rows 2a-1 .. 2a+2, which are low-resolution rows a-1, a, a, a+1, so B^T applied to them is B^T E with E
+# the (4, 3) duplication: rows (1, -1, 0), (0, 2, 0), (0, 0, 0), (0, 1, -1). The zero row drops 7 of the 16
+# transformed positions; the 2 is folded into the weight, leaving the input transform two differences.
+_UPSAMPLE_WINOGRAD_KEEP = (0, 1, 3)
+
+
+def upsample_winograd_weight(weight: mx.array) -> mx.array:
+    """3x3 conv weight (O, 3, 3, C) -> (3, 3, C, O): U = G g G^T at the kept positions (0, 1, 3) of each axis,
+    times 2 per axis at position 1 (B^T E's 2), in float32."""
+    keep = mx.array(_UPSAMPLE_WINOGRAD_KEEP)
+    u = winograd_weight(weight)[keep][:, keep]
+    twice = mx.array([1.0, 2.0, 1.0], dtype=mx.float32)
+    return u * twice[:, None, None, None] * twice[None, :, None, None]
+
+
+@mx.compile
+def _differences(p0: mx.array, p1: mx.array, p2: mx.array) -> tuple[mx.array, mx.array]:
+    return p0 - p1, p1 - p2
+
+
+@mx.compile
+def _upsample_winograd_at(*m: mx.array) -> tuple[mx.array, ...]:
+    # A^T M A at the kept positions: m[3k + j] is (pixels, O) -> output phases (0, 0), (0, 1), (1, 0), (1, 1)
+    rows = [[m[j] + m[3 + j] for j in range(3)], [m[3 + j] - m[6 + j] for j in range(3)]]
+    return tuple(r[0] + r[1] if v == 0 else r[1] - r[2] for r in rows for v in range(2))
+
+
+def upsample2x_conv3x3_winograd(x: mx.array, u: mx.array, bias: mx.array | None = None,
+                                spare_row: bool = False) -> mx.array:
+    """`upsample2x_conv3x3_valid` by Winograd F(2x2, 3x3) on the upsampled image, on the CPU backend, float32:
+    x (B, h+2, w+2, C) padded low-resolution input (plus a spare row below with `spare_row`), `u` from
+    `upsample_winograd_weight` -> (B, 2h, 2w, O).
+
+    Each low-resolution pixel is one 2x2 output tile; its transformed input is the 3x3 neighbourhood's
+    row and column differences (B^T E above), so 9 GEMMs (pixels, C) @ (C, O) against the folded
+    path's 16: 1.4-1.6x faster at the decoder's upsamplers (BENCHMARKS.md), within float32 rounding."""
+    if x.shape[0] > 1:
+        return mx.concatenate([upsample2x_conv3x3_winograd(image[None], u, bias, spare_row) for image in x])
+    _, hp, wp, C = x.shape
+    h, w = hp - 2 - int(spare_row), wp - 2
+    image = x[0]
+    up, down = _differences(image[0:h], image[1 : h + 1], image[2 : h + 2])  # rows a-1 - a, a - (a+1)
+    V = []
+    for rows in (up, image[1 : h + 1], down):
+        left, right = _differences(rows[:, 0:w], rows[:, 1 : w + 1], rows[:, 2 : w + 2])
+        V += [left, rows[:, 1 : w + 1], right]
+    pixels = h * w
+    # The bias rides in position (1, 1)'s GEMM: A^T's column 1 is all ones, so it reaches every output.
+    M = [V[k].reshape(pixels, C) @ u[k // 3, k % 3] if k != 4 or bias is None
+         else mx.addmm(bias, V[k].reshape(pixels, C), u[1, 1]) for k in range(9)]
+    out_channels = u.shape[-1]
+    out = mx.zeros((h, 2, w, 2, out_channels), dtype=x.dtype)
+    for k, phase in enumerate(_upsample_winograd_at(*M)):
+        out[:, k // 2, :, k % 2] = phase.reshape(h, w, out_channels)
+    return out.reshape(1, 2 * h, 2 * w, out_channels)
+
+
 def upsample_nearest2x(x: mx.array) -> mx.array:
     # (B, H, 1, W, 1, C) broadcast to (B, H, 2, W, 2, C); the reshape makes the one copy.
     B, H, W, C = x.shape
@@ -218,17 +337,37 @@ class Conv3x3(nn.Conv2d):
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
+        if self._winograd(x):
+            u = winograd_weight(self.weight)
+            rows = max(2, WINOGRAD_STRIP_BYTES // (B * (W + 2) * C * x.dtype.size) // 2 * 2)  # even
+            return self._in_strips(x, rows, 1, lambda strip: conv3x3_winograd(strip, u, self.bias, True))
         rows = max(1, STRIP_BYTES // (9 * B * W * C * x.dtype.size))
         return self._in_strips(x, rows, 1, lambda strip: conv3x3_valid(strip, self.weight, self.bias, True))
 
+    def _winograd_upsample(self, x: mx.array) -> bool:
+        """Whether `upsampled` runs `upsample2x_conv3x3_winograd` (float32; on the CPU, which calls it)."""
+        return x.dtype == mx.float32
+
+    def _winograd(self, x: mx.array) -> bool:
+        """Whether `conv3x3_winograd` runs: CPU, float32 (its extra additions would round at bf16's 8 bits),
+        even height and width (2x2 tiles), and not a narrow output (conv_out's 3 channels: the GEMMs are
+        too small to pay for the transforms; `conv3x3_valid` has its own path there)."""
+        _, H, W, C = x.shape
+        return (mx.default_device() == mx.cpu and x.dtype == mx.float32 and H % 2 == 0 and W % 2 == 0
+                and 4 * self.weight.shape[0] > C)
+
     def upsampled(self, x: mx.array) -> mx.array:
-        """self(upsample_nearest2x(x)): on the CPU without the upsampled copy (`upsample2x_conv3x3_valid`),
-        in strips of half the low-resolution rows so each strip's output is no larger than `__call__`'s on the
-        upsampled input. GPUs have real conv kernels: the upsample and `mx.conv2d` there."""
+        """self(upsample_nearest2x(x)): on the CPU without the upsampled copy (float32:
+        `upsample2x_conv3x3_winograd`, else `upsample2x_conv3x3_valid`), in strips of half the low-resolution
+        rows so each strip's output is no larger than `__call__`'s on the upsampled input. GPUs have real conv
+        kernels: the upsample and `mx.conv2d` there."""
         if mx.default_device() != mx.cpu:
             return self(upsample_nearest2x(x))
         B, H, W, C = x.shape
         rows = max(1, STRIP_BYTES // (9 * B * 2 * W * C * x.dtype.size) // 2)
+        if self._winograd_upsample(x):
+            u = upsample_winograd_weight(self.weight)
+            return self._in_strips(x, rows, 2, lambda strip: upsample2x_conv3x3_winograd(strip, u, self.bias, True))
         folded = fold_upsample_weight(self.weight)
         return self._in_strips(x, rows, 2, lambda strip: upsample2x_conv3x3_valid(strip, folded, self.bias, True))
 
