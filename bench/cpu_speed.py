@@ -344,10 +344,13 @@ def vae_conv(rounds: int, size: int = 256) -> dict:
     return out
 
 
-def cpu_math(rounds: int, tokens: int = sum(SLICE_TOKENS)) -> dict:
-    """MLX's exp-based ops against models/cpu_math's forms, at the `slice` step's shapes: the MLP's
-    tanh-GELU (tokens x 12288), a VAE norm's SiLU (256x256x128), attention (24 heads x tokens x 128)."""
+def cpu_math(rounds: int, tokens: int = sum(SLICE_TOKENS), before: str = "HEAD") -> dict:
+    """MLX's exp-based ops against models/cpu_math's forms (the working tree's and `before`'s), at the
+    `slice` step's shapes: the MLP's tanh-GELU (tokens x 12288), a VAE norm's SiLU (256x256x128),
+    attention (24 heads x tokens x 128)."""
     from flux_1.models import cpu_math as fast
+
+    old = _model_at(before, "cpu_math")
     from flux_1.models.transformer import FluxParams
 
     c1 = 2 * math.sqrt(2 / math.pi)
@@ -364,10 +367,13 @@ def cpu_math(rounds: int, tokens: int = sum(SLICE_TOKENS)) -> dict:
     with _cache_limit(4 * 2**30):  # as while denoising: fresh buffers would page-fault in every variant
         out = alternate({
             "gelu_mlx": lambda: mlx_gelu(hidden), "gelu_cpu_math": lambda: fast.gelu_tanh(hidden),
+            f"gelu_{before}": lambda: old.gelu_tanh(hidden),
             "silu_mlx": lambda: mlx_silu(image, scale, shift),
             "silu_cpu_math": lambda: fast.scale_shift_silu(image, scale, shift),
+            f"silu_{before}": lambda: old.scale_shift_silu(image, scale, shift),
             "sdpa_mlx": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=p.head_dim**-0.5),
             "sdpa_cpu_math": lambda: fast.attention(q, k, v, scale=p.head_dim**-0.5),
+            f"sdpa_{before}": lambda: old.attention(q, k, v, scale=p.head_dim**-0.5),
             "attention_matmuls_only": lambda: (q @ k.swapaxes(-1, -2)) @ v,
         }, rounds)
     out["gelu_max_abs_diff"] = mx.abs(mlx_gelu(hidden) - fast.gelu_tanh(hidden)).max().item()
