@@ -217,25 +217,35 @@ from flux_1 import backend
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-size = 64 * 2**20
 
-def touched():
-    p = libc.malloc(size)
-    ctypes.memset(p, 1, size)
-    return p
+def faults_of_a_second_buffer(size):
+    def touched():
+        p = libc.malloc(size)
+        ctypes.memset(p, 1, size)
+        return p
 
-libc.free(touched())
+    libc.free(touched())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    libc.free(touched())  # the second buffer: new pages, or the first one's again
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults = faults_of_a_second_buffer(64 * 2**20)
+large = faults_of_a_second_buffer(1100 * 2**20)  # above glibc's largest M_MMAP_THRESHOLD (1 GiB)
+libc.free(libc.malloc(64 * 2**20))
+flux_1.release_memory()  # the heap's free memory back to the OS: the next buffer is new pages again
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-libc.free(touched())  # the second 64 MiB buffer: new pages, or the first one's again
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"tuned": backend.tune_malloc(), "faults": faults, "info": backend.malloc_info()}))
+p = libc.malloc(64 * 2**20)
+ctypes.memset(p, 1, 64 * 2**20)
+released = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"tuned": backend.tune_malloc(), "faults": faults, "large": large, "released": released,
+                  "info": backend.malloc_info()}))
 """
 
 
 @linux_only
 def test_tuned_malloc_reuses_freed_memory_and_can_be_switched_off():
-    """With glibc, a freed 64 MiB buffer stays in the heap: the next one needs no new pages (16k faults
-    without the tuning, as glibc unmaps it)."""
+    """With glibc, a freed 64 MiB (or 1.1 GiB) buffer stays in the heap: the next one needs no new pages
+    (16k faults without the tuning, as glibc unmaps it), until `release_memory` gives the heap back."""
     if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
         pytest.skip("not glibc")
     runs = {}
@@ -246,3 +256,5 @@ def test_tuned_malloc_reuses_freed_memory_and_can_be_switched_off():
     assert runs[""]["tuned"] is True and runs["off"]["tuned"] is False
     assert runs[""]["info"].startswith("glibc, freed memory kept") and "FLUX1_MALLOC=off" in runs["off"]["info"]
     assert runs[""]["faults"] < 1000 < 8000 < runs["off"]["faults"]
+    assert runs[""]["large"] < 1000 < 100_000 < runs["off"]["large"]
+    assert runs[""]["released"] > 8000

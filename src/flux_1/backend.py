@@ -193,9 +193,9 @@ def select_blas() -> Selection:
 # -- glibc's malloc ----------------------------------------------------------------------------------------
 
 MALLOC_ENV = "FLUX1_MALLOC"
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
-MMAP_THRESHOLD = 2**30  # buffers below 1 GiB come from the heap, not from a fresh mmap
-TRIM_THRESHOLD = 2**31 - 1  # and freed memory stays in the heap for the next one
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (glibc's malloc.h)
+MMAP_MAX = 0  # no buffer from a fresh mmap: every one comes from the heap (glibc's M_MMAP_THRESHOLD stops at 1 GiB)
+TRIM_THRESHOLD = -1  # as size_t: never; freed memory stays in the heap for the next buffer (`release_memory`)
 
 _malloc_tuned: bool | None = None
 
@@ -204,34 +204,52 @@ def tune_malloc() -> bool:
     """Keep the memory MLX's CPU backend frees for its next buffers (Linux, glibc); only the first call acts.
 
     MLX's CPU allocator takes its buffers from malloc and, past its 32 MiB cache, gives them back. glibc
-    serves every request above 32 MiB (at most; less before its threshold adapts) with a fresh mmap and
-    returns it to the OS on free, so each large activation of each step or decode is new memory that the
-    kernel zero-fills page by page: a 256x256 VAE decode page-faulted 600-700k times and a `slice` step
-    100-160k. With these two mallopt settings freed memory stays in the heap and is reused: decode 4.1 ->
-    3.3 s at 256x256 and 18.3 -> 13.0 s at 512x512, the step's faults ~0; the process' peak RSS grew by
-    0.1-0.75 GB (memory that stays mapped, reused, until the process ends). Returns whether the settings
-    took. Not on macOS (Metal), with a CUDA mlx, with another C library, or with FLUX1_MALLOC=off."""
+    serves every large request with a fresh mmap and unmaps it on free (and trims the heap's top past its
+    threshold), so each large activation of each step or decode is new memory that the kernel zero-fills
+    page by page, at 1.5-3.5 us a page on this VM: a 256x256 VAE decode page-faulted 600-700k times, a
+    1024x1024 one 7.6 million (63 s; 37.5 s without). With mmap off (`M_MMAP_MAX` 0) and no automatic trim,
+    every buffer comes from the heap and freed memory is reused: a process' second and later decodes and
+    steps page-fault ~0 times. The heap keeps its peak until the process ends or `release_memory()` (peak
+    RSS +0.1-1 GB in our runs). Returns whether the settings took. Not on macOS (Metal), with a CUDA mlx,
+    with another C library, or with FLUX1_MALLOC=off."""
     global _malloc_tuned
     if _malloc_tuned is None:
         _malloc_tuned = _tune_malloc(os.environ.get(MALLOC_ENV, "").strip())
     return _malloc_tuned
 
 
-def _tune_malloc(setting: str) -> bool:
-    if setting.lower() in OFF or not sys.platform.startswith("linux"):
-        return False
-    if _cuda_distribution() is not None:
-        return False
+def _glibc():
+    """glibc as a ctypes library, or None (musl's mallopt does nothing; macOS has none)."""
+    if not sys.platform.startswith("linux"):
+        return None
     libc = ctypes.CDLL(None)
     try:
-        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl's mallopt does nothing)
-        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018
     except AttributeError:
+        return None
+    return libc
+
+
+def _tune_malloc(setting: str) -> bool:
+    if setting.lower() in OFF or _cuda_distribution() is not None:
         return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # Some glibc versions refuse a threshold above 32 MiB: then 32 MiB, still far above the adaptive start.
-    mmap_ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) or mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-    return bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_MAX, MMAP_MAX) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_memory() -> None:
+    """Give the memory a process holds for reuse back to the OS: MLX's buffer cache, and (where
+    `tune_malloc` took) the free memory of glibc's heap (`malloc_trim`). The next large step or decode
+    page-faults its buffers in again; call it when a process is done generating for a while."""
+    import mlx.core as mx
+
+    mx.clear_cache()
+    if tune_malloc():
+        _glibc().malloc_trim(0)
 
 
 def malloc_info() -> str:
