@@ -31,6 +31,7 @@ load average before and after); compare variants within one experiment, not acro
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -193,21 +194,28 @@ def streams(rounds: int) -> dict:
 
 
 def _model_at(revision: str, name: str):
-    """models/<name>.py as committed at `revision` (git), imported as a module of its own: a model before
-    a change, to alternate with the current one on the same weights."""
+    """models/<name>.py as committed at `revision` (git), imported as a module of its own, with the
+    cpu_math committed at `revision` too: a model before a change, to alternate with the current one on
+    the same weights."""
     import importlib.util
     import subprocess
     import sys
     import tempfile
 
+    module_name = f"{name}_at_{revision}".replace("~", "_").replace("^", "_").replace("-", "_")
+    if module_name in sys.modules:
+        return sys.modules[module_name]
     source = subprocess.run(["git", "show", f"{revision}:src/flux_1/models/{name}.py"], capture_output=True,
                             text=True, check=True, cwd=Path(__file__).resolve().parent.parent).stdout
-    path = Path(tempfile.mkdtemp()) / f"{name}_before.py"
+    if name != "cpu_math" and "from . import cpu_math" in source:
+        old_math = _model_at(revision, "cpu_math").__name__
+        source = source.replace("from . import cpu_math", f"import {old_math} as cpu_math")
+    path = Path(tempfile.mkdtemp()) / f"{module_name}.py"
     path.write_text(source.replace("from . import", "from flux_1.models import")
                     .replace("from .shapes import", "from flux_1.models.shapes import"))
-    spec = importlib.util.spec_from_file_location(f"{name}_before", path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[f"{name}_before"] = module
+    sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -414,10 +422,13 @@ def main(argv=None) -> None:
     p.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=sorted(EXPERIMENTS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--output-json", type=Path, default=None)
+    p.add_argument("--before", default="HEAD", help="the git revision that vae_decode, step and cpu_math compare "
+                   "against (its models/*.py and cpu_math.py)")
     args = p.parse_args(argv)
-    results = {"load_before": list(os.getloadavg())}
+    results = {"load_before": list(os.getloadavg()), "before": args.before}
     for name in args.only:
-        results[name] = EXPERIMENTS[name](args.rounds)
+        takes_before = "before" in inspect.signature(EXPERIMENTS[name]).parameters
+        results[name] = EXPERIMENTS[name](args.rounds, **({"before": args.before} if takes_before else {}))
         summary = {k: (round(v["min_s"], 4), round(v["median_s"], 4)) if isinstance(v, dict) and "min_s" in v
                    else v for k, v in results[name].items()}
         print(name, json.dumps(summary, default=str), flush=True)
