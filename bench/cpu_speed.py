@@ -237,6 +237,56 @@ def vae_decode(rounds: int, size: int = 256, before: str = "HEAD") -> dict:
     return out
 
 
+def decode_parts(rounds: int, size: int = 256, before: str = "HEAD") -> dict:
+    """Where a `size` x `size` decode goes, the working tree's VAE against `before`'s (with its cpu_math):
+    each 3x3 conv, upsampler conv, GroupNorm (+ SiLU) evaluated and timed alone inside the decode (its
+    input evaluated first), the last of `rounds` decodes; seconds."""
+    from flux_1.models import vae
+
+    return {label: _decode_parts(module, size, rounds)
+            for label, module in (("current", vae), (before, _model_at(before, "vae")))}
+
+
+def _decode_parts(module, size: int, rounds: int) -> dict:
+    import collections
+
+    model = module.AutoEncoder(module.VAEParams())
+    model.update(nn.utils.tree_map(lambda p: p * 0.5, model.parameters()))
+    mx.eval(model.parameters())
+    z = mx.random.normal((1, size // 8, size // 8, 16), key=mx.random.key(4))
+    mx.eval(z)
+    parts = collections.defaultdict(float)
+    saved = []
+
+    def timed(cls, method, part):
+        real = getattr(cls, method)
+        saved.append((cls, method, real))
+
+        def call(self, x, *args, **kwargs):
+            mx.eval(x)
+            t0 = time.perf_counter()
+            y = real(self, x, *args, **kwargs)
+            mx.eval(y)
+            parts[part(self)] += time.perf_counter() - t0
+            return y
+        setattr(cls, method, call)
+
+    timed(module.Conv3x3, "__call__", lambda conv: "conv3x3" if conv.weight.shape[0] > 3 else "conv_out")
+    timed(module.Conv3x3, "upsampled", lambda conv: "upsampler_conv")
+    timed(module.GroupNorm, "__call__", lambda norm: "group_norm_silu")
+    try:
+        for _ in range(max(1, rounds)):
+            parts.clear()
+            t0 = time.perf_counter()
+            mx.eval(model.decode(z))
+            total = time.perf_counter() - t0
+    finally:
+        for cls, method, real in saved:
+            setattr(cls, method, real)
+    return {**{k: round(v, 4) for k, v in parts.items()}, "total": round(total, 4),
+            "rest": round(total - sum(parts.values()), 4)}
+
+
 def vae_upsample(rounds: int, size: int = 256) -> dict:
     """The decoder's upsamplers (nearest 2x, then a 3x3 conv) with the upsample made and then `Conv3x3`
     ("unfolded", as before) against the upsample folded into the conv (`Conv3x3.upsampled`, "folded"): each
@@ -414,7 +464,7 @@ def _cache_limit(limit: int):
 
 EXPERIMENTS = {"quantized_rows": quantized_rows, "quantized_step": quantized_step, "cache_limit": cache_limit,
                "streams": streams, "vae_decode": vae_decode, "vae_upsample": vae_upsample,
-               "vae_conv": vae_conv, "cpu_math": cpu_math, "step": step}
+               "vae_conv": vae_conv, "cpu_math": cpu_math, "step": step, "decode_parts": decode_parts}
 
 
 def main(argv=None) -> None:

@@ -74,3 +74,15 @@ def test_model_at_head_imports_the_committed_models():
     assert hasattr(vae, "AutoEncoder") and hasattr(vae, "VAEParams")
     transformer = cpu_speed._model_at("HEAD", "transformer")
     assert hasattr(transformer, "FluxTransformer")
+    assert transformer.cpu_math.__name__ == "cpu_math_at_HEAD"  # the revision's own cpu_math, not the tree's
+    assert vae.cpu_math is transformer.cpu_math
+
+
+def test_decode_parts_times_each_kind_of_layer_and_restores_the_classes():
+    from flux_1.models import vae
+
+    real = vae.Conv3x3.__call__, vae.Conv3x3.upsampled, vae.GroupNorm.__call__
+    parts = cpu_speed._decode_parts(vae, size=16, rounds=1)
+    assert (vae.Conv3x3.__call__, vae.Conv3x3.upsampled, vae.GroupNorm.__call__) == real
+    assert {"conv3x3", "upsampler_conv", "group_norm_silu", "conv_out", "total", "rest"} <= set(parts)
+    assert 0 < parts["conv3x3"] < parts["total"]

@@ -319,7 +319,7 @@ def test_cpu_path_choice_by_rows(monkeypatch, no_dequantized_cache, bits):
     monkeypatch.setattr(nn.QuantizedLinear, "__call__",
                         lambda self, x, real=nn.QuantizedLinear.__call__: calls.append("fused") or real(self, x))
     few = q.FUSED_MAX_ROWS[("affine", bits)]
-    assert few == {4: 0, 8: 1}[bits]
+    assert few == 0  # both beat the fused kernel from one row (quantized_rows in bench/cpu_speed.py)
     if few:
         mx.eval(layer(mx.ones((1, few, 256))))
         assert calls == ["fused"]

@@ -220,11 +220,12 @@ def _check_plan(model: nn.Module, plan: dict[str, dict]) -> None:
 # Rows (tokens) up to which MLX's fused CPU `quantized_matmul` beats dequantize-then-GEMM, by (mode, bits).
 # The fused CPU kernel costs a fixed time per row (3072x3072 weight: ~6 ms per row affine, ~2.5 ms mxfp4 /
 # nvfp4, ~12 ms mxfp8), dequantizing the whole weight a fixed time per call (4-bit affine through
-# `planar_matmul` ~3 ms, so it wins from one row: 4.8 against 6.0 ms; 8-bit affine ~4 ms, even at one
-# row; other affine widths through MLX's dequantize ~32 ms; ~70-85 ms mxfp4 / nvfp4, ~24 ms mxfp8);
+# `planar_matmul` ~3 ms, so it wins from one row: 4.6-5.0 against 6.0 ms; 8-bit affine ~4 ms, 5.3-5.8
+# against 6.0-6.2 ms at one row; other affine widths through MLX's dequantize ~32 ms; ~70-85 ms mxfp4 /
+# nvfp4, ~24 ms mxfp8);
 # measured crossovers on a 2-core EPYC, mlx 0.32.4 (`python -m bench.cpu_speed --only quantized_rows`,
 # BENCHMARKS.md). The modulation layers (one row per image) are where few rows occur.
-FUSED_MAX_ROWS = {("affine", 3): 4, ("affine", 4): 0, ("affine", 5): 4, ("affine", 6): 4, ("affine", 8): 1,
+FUSED_MAX_ROWS = {("affine", 3): 4, ("affine", 4): 0, ("affine", 5): 4, ("affine", 6): 4, ("affine", 8): 0,
                   ("mxfp4", 4): 16, ("nvfp4", 4): 16, ("mxfp8", 8): 1}
 
 
