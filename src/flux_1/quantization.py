@@ -353,12 +353,12 @@ def planar_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, 
     """`x @ dequantize(w).T` (`transpose`) or `x @ dequantize(w)` for 4-bit affine codes, on the CPU.
 
     The weight is dequantized in a column order where each group's scale is constant along the slow
-    axes (`_planes`: (O, 4I) bytes -> 2 planes (O, I/2), low nibbles and high nibbles, each ordered
+    axes (`_planes`: (O, I/2) bytes -> 2 float planes (O, I/2), low nibbles and high nibbles, each ordered
     (position in group, group)), and the input's columns are put in the same order (a copy of x, small
     next to the weight at any batch the float GEMM is chosen for), so the product is the same sum in
-    another order: equal within float32 rounding. Against dequantize-then-GEMM: (512, 3072) x
-    (3072, 3072) 50 -> 44 ms, (3072, 15360) 243 -> 225 ms, (21504, 3072) 348 -> 303 ms (float GEMM
-    38 / 195 / 270 ms; 2-core EPYC, BENCHMARKS.md). Differentiable w.r.t. x."""
+    another order: equal within float32 rounding. (512, 3072) x (3072, 3072): 27 ms against 33 for
+    dequantize-then-GEMM and 23 for the float GEMM alone (2-core EPYC, BENCHMARKS.md). Differentiable
+    w.r.t. x."""
     out_rows, packed = w.shape
     groups = scales.shape[-1]
     per_byte = 8 // bits
@@ -384,21 +384,27 @@ def planar_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, 
     return mx.stack(parts, axis=-1).transpose(0, 2, 1, 3).reshape(*lead, groups * group_size)
 
 
-def _cacheable(layer: nn.Module, dtype: mx.Dtype) -> bool:
-    """Whether `_float_weight` would use or keep a float copy of this layer (cached now, or room for it)."""
+def _cached_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array | None:
+    """The layer's cached float weight in `dtype`, if it holds one of its current codes."""
     cached = getattr(layer, "_dequantized", None)
     if cached is not None and cached.codes is layer["weight"] and cached.weight.dtype == dtype:
-        return True
+        return cached.weight
+    return None
+
+
+def _cacheable(layer: nn.Module, dtype: mx.Dtype) -> bool:
+    """Whether `_float_weight` would use or keep a float copy of this layer (cached now, or room for it)."""
     out_rows, packed = layer["weight"].shape
-    return _budget.room(out_rows * packed * 32 // layer.bits * dtype.size)
+    return (_cached_weight(layer, dtype) is not None
+            or _budget.room(out_rows * packed * 32 // layer.bits * dtype.size))
 
 
 def _float_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
     """A quantized layer's weight in `dtype`: its cached copy if it holds a current one, else dequantized
     now (and cached if the budget has room)."""
-    cached = getattr(layer, "_dequantized", None)
-    if cached is not None and cached.codes is layer["weight"] and cached.weight.dtype == dtype:
-        return cached.weight
+    cached = _cached_weight(layer, dtype)
+    if cached is not None:
+        return cached
     w = dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
                    bits=layer.bits, mode=layer.mode).astype(dtype)
     layer._dequantized = None  # a stale copy goes back to the budget before a new one is taken

@@ -78,8 +78,8 @@ class VAEParams:
 # `conv3x3_valid` needs under half of that.
 STRIP_BYTES = 256 * 2**20
 # Strip size of a Winograd conv, in bytes of the strip's input: its transforms write 4x the input and 4x the
-# output, and run (single-threaded) about 1.3-1.6x faster on strips whose tiles stay in the CPU's cache
-# than on a 256x256x128 image at once (2 MiB was the best of 0.5-8 MiB at every decoder shape, 2-core EPYC).
+# output, and run (single-threaded) 1.3-1.7x faster on strips whose tiles stay in the CPU's cache than on a
+# 256x256x128 image at once (2 MiB was the best of 0.5-8 MiB at every decoder shape, 2-core EPYC).
 WINOGRAD_STRIP_BYTES = 2 * 2**20
 
 
@@ -170,23 +170,23 @@ def _winograd_bt(d0: mx.array, d1: mx.array, d2: mx.array, d3: mx.array) -> tupl
 
 
 @mx.compile
-def _winograd_at(bias: mx.array, *m: mx.array) -> tuple[mx.array, ...]:
+def _winograd_at(*m: mx.array) -> tuple[mx.array, ...]:
     # A^T M A for every tile at once: m[4k + l] is (tiles, O) -> the tiles' outputs (0,0), (0,1), (1,0), (1,1)
     cols = [(m[4 * k] + m[4 * k + 1] + m[4 * k + 2], m[4 * k + 1] - m[4 * k + 2] - m[4 * k + 3]) for k in range(4)]
-    return tuple(cols[0][v] + cols[1][v] + cols[2][v] + bias for v in range(2)) + tuple(
-        cols[1][v] - cols[2][v] - cols[3][v] + bias for v in range(2))
+    return tuple(cols[0][v] + cols[1][v] + cols[2][v] for v in range(2)) + tuple(
+        cols[1][v] - cols[2][v] - cols[3][v] for v in range(2))
 
 
 def conv3x3_winograd(x: mx.array, u: mx.array, bias: mx.array | None = None, spare_row: bool = False) -> mx.array:
     """`conv3x3_valid` by Winograd F(2x2, 3x3), on the CPU backend, float32: x (B, h+2, w+2, C)
-    with h and w even (plus a spare row below with `spare_row`), `u` from `winograd_weight` -> (1, h, w, O).
+    with h and w even (plus a spare row below with `spare_row`), `u` from `winograd_weight` -> (B, h, w, O).
 
     The input transform runs along columns, then rows, on strided views (tile (a, b) reads padded input
     rows 2a..2a+3 and columns 2b..2b+3); each of the 16 transformed positions is then one GEMM
     (tiles, C) @ (C, O) over every tile: 2.25x fewer FLOPs than the 9 offset GEMMs. The transforms are
-    elementwise passes over 4x the input and 4x the output, so this pays where the GEMMs are large next
-    to them: with `WINOGRAD_STRIP_BYTES` strips 1.5-1.9x faster than `conv3x3_valid` at every decoder
-    shape (BENCHMARKS.md)."""
+    single-threaded passes over 4x the input and 4x the output, so the gain depends on the GEMMs' speed:
+    in `WINOGRAD_STRIP_BYTES` strips, 1.25-1.65x faster than `conv3x3_valid` at the decoder's shapes with
+    OpenBLAS's AVX2 kernels, 0.78-1.12x with its AVX-512 ones (BENCHMARKS.md)."""
     if x.shape[0] > 1:
         return mx.concatenate([conv3x3_winograd(image[None], u, bias, spare_row) for image in x])
     _, hp, wp, C = x.shape
@@ -197,10 +197,12 @@ def conv3x3_winograd(x: mx.array, u: mx.array, bias: mx.array | None = None, spa
         for row, r in enumerate(_winograd_bt(*(c[i : i + h : 2] for i in range(4)))):
             V[4 * row + col] = r
     tiles = (h // 2) * (w // 2)
-    M = [V[k].reshape(tiles, C) @ u[k // 4, k % 4] for k in range(16)]
+    # The bias rides in position (1, 1)'s GEMM: A^T's column 1 is all ones, so it reaches every output.
+    M = [V[k].reshape(tiles, C) @ u[k // 4, k % 4] if k != 5 or bias is None
+         else mx.addmm(bias, V[k].reshape(tiles, C), u[1, 1]) for k in range(16)]
     out_channels = u.shape[-1]
     out = mx.zeros((h // 2, 2, w // 2, 2, out_channels), dtype=x.dtype)
-    for k, y in enumerate(_winograd_at(mx.array(0.0) if bias is None else bias, *M)):
+    for k, y in enumerate(_winograd_at(*M)):
         out[:, k // 2, :, k % 2] = y.reshape(h // 2, w // 2, out_channels)
     return out.reshape(1, h, w, out_channels)
 
@@ -294,7 +296,8 @@ def upsample2x_conv3x3_winograd(x: mx.array, u: mx.array, bias: mx.array | None 
 
     Each low-resolution pixel is one 2x2 output tile; its transformed input is the 3x3 neighbourhood's
     row and column differences (B^T E above), so 9 GEMMs (pixels, C) @ (C, O) against the folded
-    path's 16: 1.4-1.6x faster at the decoder's upsamplers (BENCHMARKS.md), within float32 rounding."""
+    path's 16: at the decoder's upsamplers 1.25-1.4x faster with OpenBLAS's AVX2 kernels, 0.97-1.17x with
+    its AVX-512 ones (BENCHMARKS.md), within float32 rounding."""
     if x.shape[0] > 1:
         return mx.concatenate([upsample2x_conv3x3_winograd(image[None], u, bias, spare_row) for image in x])
     _, hp, wp, C = x.shape
