@@ -342,9 +342,11 @@ def test_upsample_folded_strips_are_exact_and_bound_memory(monkeypatch, path):
     # smaller) input. The upsample-then-conv path needs the upsampled copy's padded version and the conv's
     # output (2.2x the output here, and the upsampled copy itself before the pad): since Conv3x3's strips
     # carry a spare row it is no larger than the folded path at peak; the fold's gain is 2.25x fewer FLOPs.
-    # Winograd also holds the 9 transformed inputs and the 9 GEMM outputs (each a quarter of the output
-    # here: 4.5x in all, measured), for 16 / 9 fewer FLOPs again; the strips bound both.
-    assert whole_peak < (5.5 if path == "winograd" else 3.5) * want.nbytes
+    # Winograd also holds the 9 transformed inputs and the 9 GEMM outputs, each a quarter of the output here:
+    # at worst all of them, the 4 phases and the output at once, 2.25 + 2.25 + 1 + 1 plus the padded input
+    # (4.5-5.6x measured, as MLX frees buffers asynchronously), for 16 / 9 fewer FLOPs again; the strips
+    # bound both.
+    assert whole_peak < (7.0 if path == "winograd" else 3.5) * want.nbytes
     one_strip = 2 * 7 * 22 * 32 * 4 + 2 * 10 * 40 * 32 * 4  # a padded 5-row input strip, its phases and output
     if path == "winograd":
         one_strip += (8 + 9) * 5 * 20 * 32 * 4  # the transformed inputs and the GEMM outputs
